@@ -1,0 +1,57 @@
+"""`spmd train`: train a model on a device mesh."""
+
+from __future__ import annotations
+
+from spmd.cli import positive_int
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("train", help="train a model on a device mesh")
+    p.add_argument("--model", default="gpt-tiny", help="a preset name (see `spmd models`)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        default="",
+        help="override model fields, e.g. d_model=256,n_layers=2",
+    )
+    p.add_argument("--mesh", default="data=-1", help="e.g. fsdp=4,tensor=2 (default: data=-1)")
+    p.add_argument(
+        "--devices", type=positive_int, help="simulate N CPU devices (must come before JAX starts)"
+    )
+    p.add_argument("--steps", type=positive_int, default=100)
+    p.add_argument("--batch", type=positive_int, default=8, help="the global batch, in sequences")
+    p.add_argument("--seq", type=positive_int, default=128, help="sequence length in tokens")
+    p.add_argument("--grad-accum", type=positive_int, default=1)
+    p.add_argument("--remat", default="none", choices=["none", "full", "dots"])
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--warmup", type=int, default=10)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data", help="a text file, folder, glob or .jsonl (default: Python stdlib)")
+    p.add_argument("--metrics-file", help="write one JSON object per step here")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run(args) -> int:
+    from spmd.models import parse_overrides
+    from spmd.train.trainer import TrainConfig, run
+
+    cfg = TrainConfig(
+        model=args.model,
+        overrides=tuple(parse_overrides(args.overrides).items()),
+        mesh=args.mesh,
+        steps=args.steps,
+        batch=args.batch,
+        seq=args.seq,
+        grad_accum=args.grad_accum,
+        remat=args.remat,
+        dtype=args.dtype,
+        lr=args.lr,
+        warmup=args.warmup,
+        seed=args.seed,
+        data=args.data,
+        metrics_file=args.metrics_file,
+        progress=not args.no_progress,
+    )
+    run(cfg)
+    return 0

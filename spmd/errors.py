@@ -1,0 +1,10 @@
+"""User-facing errors.
+
+Anything the user can fix (bad flags, a mesh that does not fit, a missing file) raises
+`SpmdError`. The CLI prints its message as one line on stderr and exits with status 2;
+everything else is a bug and keeps its traceback.
+"""
+
+
+class SpmdError(ValueError):
+    """Bad input that the user can fix. The message is one line and names the culprit."""

@@ -1,0 +1,80 @@
+"""Model registry: a name (and `--set` overrides) -> a `Model` the trainer can drive."""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from spmd.errors import SpmdError
+from spmd.models import gpt, mlp
+
+
+@dataclasses.dataclass(frozen=True)
+class Model:
+    """What the engine needs of a model: its parameters, its loss, and its batch's axes."""
+
+    name: str
+    cfg: Any
+    param_specs: Callable[[Any], Any]
+    loss_fn: Callable[[Any, Any, Any], Any]
+    batch_axes: Mapping[str, tuple]
+
+    def specs(self):
+        return self.param_specs(self.cfg)
+
+    def loss(self, params, batch):
+        return self.loss_fn(params, batch, self.cfg)
+
+
+def model_names() -> list[str]:
+    return [*gpt.presets()]
+
+
+def get_model(name: str, overrides: Mapping[str, Any] | None = None) -> Model:
+    """A preset by name, with config fields overridden (`{"n_layers": 2}`, values may be str)."""
+    presets = gpt.presets()
+    if name not in presets:
+        raise SpmdError(f"unknown model {name!r}; choose one of {', '.join(model_names())}")
+    cfg = with_overrides(presets[name], overrides or {})
+    return Model(name, cfg, gpt.param_specs, gpt.loss_fn, gpt.BATCH_AXES)
+
+
+def mlp_model(cfg: mlp.MLPConfig | None = None) -> Model:
+    return Model("mlp", cfg or mlp.MLPConfig(), mlp.param_specs, mlp.loss_fn, mlp.BATCH_AXES)
+
+
+def with_overrides(cfg, overrides: Mapping[str, Any]):
+    """Replace dataclass fields, converting strings to the field's type. Unknown keys fail."""
+    fields = {f.name: f for f in dataclasses.fields(cfg)}
+    hints = typing.get_type_hints(type(cfg))
+    values = {}
+    for key, raw in overrides.items():
+        if key not in fields:
+            raise SpmdError(f"unknown model field {key!r}; fields are {', '.join(fields)}")
+        values[key] = _convert(key, raw, hints[key])
+    return dataclasses.replace(cfg, **values)
+
+
+def parse_overrides(text: str | None) -> dict[str, str]:
+    """`"d_model=256,n_layers=2"` -> {"d_model": "256", "n_layers": "2"}."""
+    out = {}
+    for part in filter(None, (p.strip() for p in (text or "").split(","))):
+        key, sep, value = part.partition("=")
+        if not sep or not key.strip():
+            raise SpmdError(f"--set entry {part!r} must look like KEY=VALUE")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def _convert(key: str, raw, kind):
+    if not isinstance(raw, str):
+        return raw
+    if isinstance(kind, types.UnionType):
+        kind = typing.get_args(kind)[0]
+    try:
+        return kind(raw) if kind in (int, float, str) else raw
+    except ValueError:
+        raise SpmdError(f"model field {key}={raw!r} is not a valid {kind.__name__}") from None

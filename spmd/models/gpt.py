@@ -1,0 +1,338 @@
+"""A llama-style decoder as pure functions over a pytree of parameters.
+
+Shape letters, used in names and einsums throughout:
+  b batch   t query length   s key length   d model width   h query heads
+  g kv heads   r query heads per kv head (h = g*r)   k head dim   f MLP width
+  v vocabulary   n flattened rows (b*t)   l layers
+
+Dense layers run on 2-D `(n, d)` activations: XLA:CPU's backward pass for 3-D dense
+layers is markedly slower (DESIGN.md, performance notes), and the flattened rows keep their
+sharding through the merged `(batch, length)` logical axis.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+
+from spmd import params as P
+from spmd.errors import SpmdError
+from spmd.rules import constrain
+
+REMAT_POLICIES = ("none", "full", "dots")
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+ROWS = ("batch", "length")  # logical axis of the flattened (b*t) rows
+
+
+@dataclasses.dataclass(frozen=True)
+class GPTConfig:
+    vocab_size: int = 384
+    d_model: int = 128
+    n_layers: int = 4
+    n_heads: int = 8
+    n_kv_heads: int = 4
+    head_dim: int = 16
+    d_ff: int = 384
+    max_seq_len: int = 256
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    init_std: float = 0.02
+    remat: str = "none"
+    compute_dtype: str = "float32"
+    scan_unroll: int = 1
+
+    def __post_init__(self):
+        for name in (
+            "vocab_size",
+            "d_model",
+            "n_layers",
+            "n_heads",
+            "n_kv_heads",
+            "head_dim",
+            "d_ff",
+            "max_seq_len",
+            "scan_unroll",
+        ):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise SpmdError(f"{name}={value!r} must be a positive integer")
+        if self.n_heads % self.n_kv_heads:
+            raise SpmdError(
+                f"n_heads={self.n_heads} is not divisible by n_kv_heads={self.n_kv_heads}"
+            )
+        if self.head_dim % 2:
+            raise SpmdError(f"head_dim={self.head_dim} must be even for rotary embeddings")
+        if self.remat not in REMAT_POLICIES:
+            raise SpmdError(f"remat={self.remat!r} must be one of {', '.join(REMAT_POLICIES)}")
+        if self.compute_dtype not in DTYPES:
+            raise SpmdError(
+                f"compute_dtype={self.compute_dtype!r} must be one of {', '.join(DTYPES)}"
+            )
+
+    @property
+    def dtype(self):
+        return DTYPES[self.compute_dtype]
+
+
+def param_specs(cfg: GPTConfig) -> dict:
+    """Every parameter, declared once. Layer weights are stacked on a leading `layers` axis."""
+    d, h, g, k, f, v, l = (
+        cfg.d_model,
+        cfg.n_heads,
+        cfg.n_kv_heads,
+        cfg.head_dim,
+        cfg.d_ff,
+        cfg.vocab_size,
+        cfg.n_layers,
+    )
+    std = cfg.init_std
+    # GPT-2's scaled init for the projections that write into the residual stream.
+    out_std = std / math.sqrt(2 * l)
+    return {
+        "embed": P.ParamSpec((v, d), ("vocab", "embed"), P.normal(std)),
+        "layers": {
+            "attn_norm": P.ParamSpec((l, d), ("layers", None), P.ones),
+            "wq": P.ParamSpec((l, d, h, k), ("layers", "embed", "heads", None), P.normal(std)),
+            "wk": P.ParamSpec((l, d, g, k), ("layers", "embed", "kv_heads", None), P.normal(std)),
+            "wv": P.ParamSpec((l, d, g, k), ("layers", "embed", "kv_heads", None), P.normal(std)),
+            "wo": P.ParamSpec((l, h, k, d), ("layers", "heads", None, "embed"), P.normal(out_std)),
+            "mlp_norm": P.ParamSpec((l, d), ("layers", None), P.ones),
+            "w_gate": P.ParamSpec((l, d, f), ("layers", "embed", "mlp"), P.normal(std)),
+            "w_up": P.ParamSpec((l, d, f), ("layers", "embed", "mlp"), P.normal(std)),
+            "w_down": P.ParamSpec((l, f, d), ("layers", "mlp", "embed"), P.normal(out_std)),
+        },
+        "final_norm": P.ParamSpec((d,), (None,), P.ones),
+        "head": P.ParamSpec((d, v), ("embed", "vocab"), P.normal(std)),
+    }
+
+
+def rms_norm(x, scale, eps):
+    x32 = x.astype(jnp.float32)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return (x32 * scale).astype(x.dtype)
+
+
+def rope_tables(positions_bt, head_dim: int, theta: float):
+    """cos and sin of shape (b, t, k/2), in float32, for absolute positions."""
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    angles = positions_bt.astype(jnp.float32)[..., None] * inv_freq
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rope(x_bthk, cos_btk, sin_btk):
+    x1, x2 = jnp.split(x_bthk.astype(jnp.float32), 2, axis=-1)
+    cos, sin = cos_btk[:, :, None, :], sin_btk[:, :, None, :]
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x_bthk.dtype)
+
+
+def qkv(x_btd, p, cos, sin, cfg: GPTConfig):
+    """Projected, rotated queries (b,t,h,k) and keys/values (b,t,g,k) for one layer."""
+    b, t, d = x_btd.shape
+    dt = cfg.dtype
+    x_nd = x_btd.reshape(b * t, d)
+    q = jnp.einsum("nd,dhk->nhk", x_nd, p["wq"].astype(dt)).reshape(b, t, cfg.n_heads, -1)
+    k = jnp.einsum("nd,dgk->ngk", x_nd, p["wk"].astype(dt)).reshape(b, t, cfg.n_kv_heads, -1)
+    v = jnp.einsum("nd,dgk->ngk", x_nd, p["wv"].astype(dt)).reshape(b, t, cfg.n_kv_heads, -1)
+    q = constrain(apply_rope(q, cos, sin), ("batch", "length", "heads", None))
+    k = constrain(apply_rope(k, cos, sin), ("batch", "length", "kv_heads", None))
+    v = constrain(v, ("batch", "length", "kv_heads", None))
+    return q, k, v
+
+
+def attend(q_bthk, k_bsgk, v_bsgk, mask_bts):
+    """Grouped-query attention with an explicit boolean mask; softmax in float32."""
+    b, t, h, kd = q_bthk.shape
+    g = k_bsgk.shape[2]
+    q = q_bthk.reshape(b, t, g, h // g, kd)
+    scores = jnp.einsum("btgrk,bsgk->bgrts", q, k_bsgk, preferred_element_type=jnp.float32)
+    scores = scores / math.sqrt(kd)
+    scores = jnp.where(mask_bts[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v_bsgk.dtype)
+    out = jnp.einsum("bgrts,bsgk->btgrk", probs, v_bsgk)
+    return out.reshape(b, t, h, kd)
+
+
+def attn_out(o_bthk, p, cfg: GPTConfig):
+    b, t, h, k = o_bthk.shape
+    out = jnp.einsum("nhk,hkd->nd", o_bthk.reshape(b * t, h, k), p["wo"].astype(cfg.dtype))
+    return out.reshape(b, t, -1)
+
+
+def mlp(x_btd, p, cfg: GPTConfig):
+    b, t, d = x_btd.shape
+    dt = cfg.dtype
+    x_nd = x_btd.reshape(b * t, d)
+    gate = jnp.einsum("nd,df->nf", x_nd, p["w_gate"].astype(dt))
+    up = jnp.einsum("nd,df->nf", x_nd, p["w_up"].astype(dt))
+    hidden = constrain(jax.nn.silu(gate) * up, (ROWS, "mlp"))
+    return jnp.einsum("nf,fd->nd", hidden, p["w_down"].astype(dt)).reshape(b, t, d)
+
+
+def block(x_btd, p, cos, sin, mask_bts, cfg: GPTConfig):
+    """One decoder layer: pre-norm attention and SwiGLU MLP, each with a residual."""
+    with jax.named_scope("attention"):
+        h = rms_norm(x_btd, p["attn_norm"], cfg.norm_eps)
+        q, k, v = qkv(h, p, cos, sin, cfg)
+        x_btd = x_btd + attn_out(attend(q, k, v, mask_bts), p, cfg)
+    with jax.named_scope("mlp"):
+        h = rms_norm(x_btd, p["mlp_norm"], cfg.norm_eps)
+        x_btd = x_btd + mlp(h, p, cfg)
+    return constrain(x_btd, ("batch", "length", None))
+
+
+def _remat(fn, policy: str):
+    if policy == "none":
+        return fn
+    saveable = {
+        "full": jax.checkpoint_policies.nothing_saveable,
+        "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    }[policy]
+    return jax.checkpoint(fn, policy=saveable, prevent_cse=False)
+
+
+def causal_mask(t: int):
+    return jnp.tril(jnp.ones((t, t), dtype=bool))[None]
+
+
+def embed(params, tokens_bt, cfg: GPTConfig):
+    # Gather the table whole before the lookup, as FSDP gathers any weight at its use: a
+    # lookup into a table split on both vocab and embed makes XLA replicate and re-split
+    # the activations instead ("involuntary full rematerialization").
+    table = constrain(params["embed"], (None, None))
+    x = jnp.take(table, tokens_bt, axis=0).astype(cfg.dtype)
+    return constrain(x, ("batch", "length", None))
+
+
+def hidden_states(params, tokens_bt, cfg: GPTConfig):
+    """The final-norm hidden states (b, t, d) of a causal pass over `tokens_bt`."""
+    b, t = tokens_bt.shape
+    x = embed(params, tokens_bt, cfg)
+    cos, sin = rope_tables(jnp.broadcast_to(jnp.arange(t), (b, t)), cfg.head_dim, cfg.rope_theta)
+    mask = causal_mask(t)
+
+    def body(x, layer_params):
+        return block(x, layer_params, cos, sin, mask, cfg), None
+
+    with jax.named_scope("layers"):
+        x, _ = jax.lax.scan(_remat(body, cfg.remat), x, params["layers"], unroll=cfg.scan_unroll)
+    return rms_norm(x, params["final_norm"], cfg.norm_eps)
+
+
+def logits_from_hidden(params, x_btd):
+    b, t, d = x_btd.shape
+    logits = jnp.einsum(
+        "nd,dv->nv", x_btd.reshape(b * t, d).astype(jnp.float32), params["head"].astype(jnp.float32)
+    )
+    return constrain(logits.reshape(b, t, -1), ("batch", "length", "vocab"))
+
+
+def forward(params, tokens_bt, cfg: GPTConfig):
+    """Logits (b, t, v) in float32."""
+    return logits_from_hidden(params, hidden_states(params, tokens_bt, cfg))
+
+
+def loss_fn(params, batch, cfg: GPTConfig):
+    """Mean next-token cross-entropy. batch: `inputs` and `targets`, both (b, t) int32."""
+    logits = forward(params, batch["inputs"], cfg)
+    with jax.named_scope("loss"):
+        # A one-hot dot, not a gather, keeps the vocab-sharded logits sharded.
+        onehot = jax.nn.one_hot(batch["targets"], cfg.vocab_size, dtype=logits.dtype)
+        target_logit = jnp.sum(logits * onehot, axis=-1)
+        nll = jax.nn.logsumexp(logits, axis=-1) - target_logit
+    return jnp.mean(nll)
+
+
+BATCH_AXES = {"inputs": ("batch", "length"), "targets": ("batch", "length")}
+
+
+@functools.cache
+def presets() -> dict[str, GPTConfig]:
+    """Named shapes. The llama-* entries are the published Llama-2 shapes (vocab 32000)."""
+    llama_vocab = 32000  # a Llama-style 32k tokenizer for the mid-size presets
+    return {
+        "gpt-tiny": GPTConfig(
+            vocab_size=384,
+            d_model=128,
+            n_layers=4,
+            n_heads=8,
+            n_kv_heads=4,
+            head_dim=16,
+            d_ff=384,
+            max_seq_len=256,
+        ),
+        "gpt-small": GPTConfig(
+            vocab_size=384,
+            d_model=384,
+            n_layers=6,
+            n_heads=6,
+            n_kv_heads=2,
+            head_dim=64,
+            d_ff=1152,
+            max_seq_len=512,
+        ),
+        "gpt-125m": GPTConfig(
+            vocab_size=llama_vocab,
+            d_model=768,
+            n_layers=12,
+            n_heads=12,
+            n_kv_heads=12,
+            head_dim=64,
+            d_ff=2048,
+            max_seq_len=1024,
+        ),
+        "gpt-350m": GPTConfig(
+            vocab_size=llama_vocab,
+            d_model=1024,
+            n_layers=24,
+            n_heads=16,
+            n_kv_heads=16,
+            head_dim=64,
+            d_ff=2816,
+            max_seq_len=1024,
+        ),
+        "gpt-1b": GPTConfig(
+            vocab_size=llama_vocab,
+            d_model=2048,
+            n_layers=18,
+            n_heads=16,
+            n_kv_heads=8,
+            head_dim=128,
+            d_ff=5632,
+            max_seq_len=2048,
+        ),
+        "llama-7b": GPTConfig(
+            vocab_size=32000,
+            d_model=4096,
+            n_layers=32,
+            n_heads=32,
+            n_kv_heads=32,
+            head_dim=128,
+            d_ff=11008,
+            max_seq_len=4096,
+        ),
+        "llama-13b": GPTConfig(
+            vocab_size=32000,
+            d_model=5120,
+            n_layers=40,
+            n_heads=40,
+            n_kv_heads=40,
+            head_dim=128,
+            d_ff=13824,
+            max_seq_len=4096,
+        ),
+        "llama-70b": GPTConfig(
+            vocab_size=32000,
+            d_model=8192,
+            n_layers=80,
+            n_heads=64,
+            n_kv_heads=8,
+            head_dim=128,
+            d_ff=28672,
+            max_seq_len=4096,
+        ),
+    }

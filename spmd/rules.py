@@ -1,0 +1,161 @@
+"""The one place where logical axis names become mesh axes.
+
+Model code names logical axes (`batch`, `embed`, `heads`, ...). `Rules` maps each onto zero
+or more mesh axes, and `logical_to_spec` turns a tuple of logical names into a
+`PartitionSpec`, dropping mesh axes of size 1 so specs read as the layout really is.
+Activation constraints read the active mesh and rules from a context, so a model stays a
+pure function that never names a mesh axis.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import dataclasses
+from collections.abc import Iterator, Mapping, Sequence
+
+import jax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from spmd.errors import SpmdError
+from spmd.mesh import MESH_AXES
+
+# One entry per array dimension: a logical name, None (replicated), or a tuple of names for a
+# dimension that merges several (the flattened `(batch, length)` rows of a dense layer).
+Logical = tuple[str | tuple[str, ...] | None, ...]
+
+DEFAULT_RULES: dict[str, tuple[str, ...]] = {
+    "batch": ("data", "fsdp", "expert"),
+    "length": ("sequence",),
+    "embed": ("fsdp",),
+    "heads": ("tensor",),
+    "kv_heads": ("tensor",),
+    "mlp": ("tensor",),
+    "vocab": ("tensor",),
+    "layers": ("stage",),
+    "experts": ("expert",),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Rules:
+    """Logical axis name -> mesh axes. Names not in the table are replicated."""
+
+    table: tuple[tuple[str, tuple[str, ...]], ...] = tuple(DEFAULT_RULES.items())
+
+    def __post_init__(self):
+        for name, axes in self.table:
+            for axis in axes:
+                if axis not in MESH_AXES:
+                    raise SpmdError(f"rule {name!r} names unknown mesh axis {axis!r}")
+
+    @classmethod
+    def default(cls, overrides: Mapping[str, Sequence[str] | str | None] | None = None) -> Rules:
+        table = dict(DEFAULT_RULES)
+        for name, axes in (overrides or {}).items():
+            table[name] = _as_axes(axes)
+        return cls(tuple(table.items()))
+
+    def mesh_axes(self, logical: str | tuple[str, ...] | None) -> tuple[str, ...]:
+        if logical is None:
+            return ()
+        if isinstance(logical, tuple):
+            return tuple(a for name in logical for a in self.mesh_axes(name))
+        return dict(self.table).get(logical, ())
+
+
+def _as_axes(axes: Sequence[str] | str | None) -> tuple[str, ...]:
+    if axes is None:
+        return ()
+    return (axes,) if isinstance(axes, str) else tuple(axes)
+
+
+def logical_to_spec(
+    logical: Logical,
+    mesh: Mesh,
+    rules: Rules | None = None,
+    shape: Sequence[int] | None = None,
+) -> PartitionSpec:
+    """PartitionSpec for an array whose dimensions carry `logical` names.
+
+    Raises SpmdError if a mesh axis would shard two dimensions, or (given `shape`) if a
+    dimension is not divisible by the mesh axes it is split over.
+    """
+    rules = rules or Rules()
+    sizes = dict(mesh.shape)
+    used: dict[str, str | None] = {}
+    entries = []
+    for dim, name in enumerate(logical):
+        axes = tuple(a for a in rules.mesh_axes(name) if sizes.get(a, 1) > 1)
+        for axis in axes:
+            if axis in used:
+                raise SpmdError(
+                    f"mesh axis {axis!r} would shard both {used[axis]!r} and {name!r} "
+                    f"in one array with axes {logical}; fix the rules"
+                )
+            used[axis] = name
+        if shape is not None:
+            check_divisible(name, shape[dim], axes, sizes)
+        entries.append(None if not axes else axes[0] if len(axes) == 1 else axes)
+    return PartitionSpec(*entries)
+
+
+def check_divisible(name, dim: int, axes: Sequence[str], sizes: Mapping[str, int]):
+    """`heads=4 is not divisible by tensor=3`: one line naming the dimension and the axes."""
+    total = 1
+    for a in axes:
+        total *= sizes[a]
+    if total > 1 and dim % total:
+        split = "*".join(f"{a}={sizes[a]}" for a in axes)
+        label = "*".join(name) if isinstance(name, tuple) else name
+        raise SpmdError(f"{label}={dim} is not divisible by {split}")
+
+
+def named_sharding(
+    logical: Logical, mesh: Mesh, rules: Rules | None = None, shape: Sequence[int] | None = None
+) -> NamedSharding:
+    return NamedSharding(mesh, logical_to_spec(logical, mesh, rules, shape))
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardingContext:
+    mesh: Mesh
+    rules: Rules
+
+
+_CONTEXT: contextvars.ContextVar[ShardingContext | None] = contextvars.ContextVar(
+    "spmd_sharding_context", default=None
+)
+
+
+@contextlib.contextmanager
+def sharding_context(mesh: Mesh, rules: Rules | None = None) -> Iterator[ShardingContext]:
+    """Within this block (while tracing), `constrain` pins activations to the mesh."""
+    ctx = ShardingContext(mesh, rules or Rules())
+    token = _CONTEXT.set(ctx)
+    try:
+        yield ctx
+    finally:
+        _CONTEXT.reset(token)
+
+
+def current_context() -> ShardingContext | None:
+    return _CONTEXT.get()
+
+
+def constrain(x: jax.Array, logical: Logical) -> jax.Array:
+    """Constrain an activation's sharding by logical names; a no-op outside a context."""
+    ctx = _CONTEXT.get()
+    if ctx is None:
+        return x
+    spec = logical_to_spec(logical, ctx.mesh, ctx.rules, x.shape)
+    return jax.lax.with_sharding_constraint(x, NamedSharding(ctx.mesh, spec))
+
+
+def batch_shards(mesh: Mesh, rules: Rules | None = None) -> int:
+    """How many ways the `batch` logical axis is split on this mesh."""
+    rules = rules or Rules()
+    n = 1
+    for axis in rules.mesh_axes("batch"):
+        n *= int(mesh.shape[axis])
+    return n
