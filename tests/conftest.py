@@ -1,0 +1,34 @@
+"""Every test runs on 8 simulated CPU devices, set before JAX starts its backend."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+import spmd
+
+spmd.simulate_cpu_devices(8)
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def spmd_env(extra: dict | None = None) -> dict:
+    """Environment for an `spmd` subprocess: no inherited device-count flags, quiet logs."""
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env.update({"PYTHONPATH": REPO, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONUNBUFFERED": "1"})
+    env.update(extra or {})
+    return env
+
+
+def run_spmd(*args: str, timeout: float = 300, env: dict | None = None, cwd: str | None = None):
+    """Run `spmd ARGS...` in a fresh interpreter; returns the CompletedProcess (text)."""
+    return subprocess.run(
+        [sys.executable, "-m", "spmd.cli", *args],
+        capture_output=True, text=True, timeout=timeout, env=spmd_env(env), cwd=cwd,
+    )
+
+
+@pytest.fixture
+def spmd_cli():
+    return run_spmd
