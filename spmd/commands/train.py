@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 from spmd.cli import positive_int
 
 
@@ -26,10 +28,29 @@ def add_parser(sub) -> None:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--warmup", type=int, default=10)
+    p.add_argument(
+        "--schedule-steps",
+        type=positive_int,
+        help="length of the LR schedule (default: --steps; keep it fixed when extending a run)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data", help="a text file, folder, glob or .jsonl (default: Python stdlib)")
+    p.add_argument(
+        "--tokenizer", help="BPE tokenizer JSON (default: bytes)"
+    )
     p.add_argument("--metrics-file", help="write one JSON object per step here")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--eval-every", type=positive_int, help="eval loss on the validation split")
+    p.add_argument("--eval-batches", type=positive_int, default=4, help="batches per eval")
+    p.add_argument("--tensorboard", metavar="DIR", help="also write TensorBoard logs here")
+    p.add_argument("--plot", metavar="FILE", help="write a loss-curve PNG at the end")
+    p.add_argument("--ckpt-dir", help="save sharded checkpoints here (asynchronously)")
+    p.add_argument("--ckpt-every", type=positive_int, default=100, help="steps between saves")
+    p.add_argument("--keep", type=positive_int, default=3, help="checkpoints to keep")
+    p.add_argument(
+        "--resume", action="store_true", help="continue from the newest valid ckpt"
+    )
+    p.add_argument("--sync-ckpt", action="store_true", help="block on every save (for comparison)")
 
 
 def run(args) -> int:
@@ -48,10 +69,21 @@ def run(args) -> int:
         dtype=args.dtype,
         lr=args.lr,
         warmup=args.warmup,
+        schedule_steps=args.schedule_steps,
         seed=args.seed,
         data=args.data,
+        tokenizer=args.tokenizer,
         metrics_file=args.metrics_file,
         progress=not args.no_progress,
+        eval_every=args.eval_every,
+        eval_batches=args.eval_batches,
+        tensorboard=args.tensorboard,
+        plot=args.plot,
+        ckpt_dir=args.ckpt_dir,
+        ckpt_every=args.ckpt_every,
+        keep=args.keep,
+        resume=args.resume,
+        async_ckpt=not args.sync_ckpt,
     )
-    run(cfg)
+    run(cfg, argv=sys.argv[1:])
     return 0

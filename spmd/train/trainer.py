@@ -1,32 +1,41 @@
-"""The host loop: data in, sharded steps out, metrics read one step late.
+"""The host loop: data in, sharded steps out, metrics read one step late, checkpoints.
 
 Reading a step's metrics forces the host to wait for it. Reading step i-1's metrics after
-step i has been dispatched keeps one step always queued on the devices.
+step i has been dispatched keeps one step always queued on the devices. Steps that save a
+checkpoint, evaluate or stop read their own metrics at once instead, so a checkpoint is only
+ever written after its step's loss, gradients and parameters were seen to be finite.
+
+SIGINT and SIGTERM set a flag; the loop finishes the step it is on, saves it and exits 0.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import json
-import sys
+import shlex
+import signal
 import time
-from pathlib import Path
 
 import jax
 import numpy as np
-from tqdm import tqdm
+from jax.sharding import NamedSharding, PartitionSpec
 
+from spmd import checkpoint as ckpt
 from spmd import params as P
 from spmd.data import corpus
 from spmd.data.loader import PackedLoader
-from spmd.data.tokenizer import ByteTokenizer, tokenize_documents
+from spmd.data.tokenizer import load_tokenizer, tokenize_documents
 from spmd.errors import SpmdError
 from spmd.mesh import make_mesh
 from spmd.models import Model, get_model
-from spmd.rules import Rules
-from spmd.train import optim
-from spmd.train.state import abstract_state, init_state
+from spmd.rules import Rules, sharding_context
+from spmd.train import monitor, optim
+from spmd.train.state import TrainState, abstract_state, init_state
 from spmd.train.step import batch_shardings, compile_step
+
+# Fields a resumed run must share with its checkpoint: they fix the parameters' shapes and
+# the batch sequence. The mesh, the step count, the learning rate and the rest may change.
+MUST_MATCH = ("model", "overrides", "batch", "seq", "seed", "data", "tokenizer")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,18 +51,32 @@ class TrainConfig:
     dtype: str = "float32"
     lr: float = 1e-3
     warmup: int = 10
+    schedule_steps: int | None = None  # the LR schedule's length; default: steps
     seed: int = 0
     data: str | None = None
+    tokenizer: str | None = None
     metrics_file: str | None = None
     progress: bool = True
+    eval_every: int | None = None
+    eval_batches: int = 4
+    tensorboard: str | None = None
+    plot: str | None = None
+    ckpt_dir: str | None = None
+    ckpt_every: int = 100
+    keep: int = 3
+    resume: bool = False
+    async_ckpt: bool = True
 
     def __post_init__(self):
-        for name in ("steps", "batch", "seq", "grad_accum"):
+        counts = ("steps", "batch", "seq", "grad_accum", "eval_batches", "ckpt_every", "keep")
+        for name in (*counts, "eval_every", "schedule_steps"):
             value = getattr(self, name)
-            if value < 1:
+            if value is not None and value < 1:
                 raise SpmdError(f"--{name.replace('_', '-')}={value} must be positive")
+        if self.resume and not self.ckpt_dir:
+            raise SpmdError("--resume needs --ckpt-dir (where to find the checkpoint)")
 
-    def build_model(self) -> Model:
+    def build_model(self, vocab_size: int | None = None) -> Model:
         model = get_model(
             self.model, {**dict(self.overrides), "remat": self.remat, "compute_dtype": self.dtype}
         )
@@ -61,112 +84,330 @@ class TrainConfig:
             raise SpmdError(
                 f"--seq={self.seq} exceeds the model's max_seq_len={model.cfg.max_seq_len}"
             )
+        if vocab_size and model.cfg.vocab_size < vocab_size:
+            raise SpmdError(
+                f"vocab_size={model.cfg.vocab_size} is smaller than the tokenizer's "
+                f"{vocab_size}; use --set vocab_size={vocab_size}"
+            )
         return model
 
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
 
-def device_batch(arrays: dict[str, np.ndarray], shardings) -> dict[str, jax.Array]:
+
+def device_batch(arrays: dict[str, np.ndarray], shardings, global_shapes=None) -> dict:
     """Global arrays from this process's rows (in one process, its rows are all of them)."""
-    return {k: jax.make_array_from_process_local_data(shardings[k], v) for k, v in arrays.items()}
-
-
-def run(cfg: TrainConfig, rules: Rules | None = None) -> dict:
-    model = cfg.build_model()
-    mesh = make_mesh(cfg.mesh)
-    tokenizer = ByteTokenizer()
-    if model.cfg.vocab_size < tokenizer.vocab_size:
-        raise SpmdError(
-            f"vocab_size={model.cfg.vocab_size} is smaller than the byte "
-            f"tokenizer's {tokenizer.vocab_size}"
+    return {
+        k: jax.make_array_from_process_local_data(
+            shardings[k], v, None if global_shapes is None else global_shapes[k]
         )
-    train_docs, _ = corpus.split_documents(corpus.load_documents(cfg.data))
-    loader = PackedLoader(tokenize_documents(train_docs, tokenizer), cfg.batch, cfg.seq, cfg.seed)
-    opt, schedule = optim.make_optimizer(
-        optim.OptimConfig(lr=cfg.lr, warmup_steps=cfg.warmup, total_steps=cfg.steps)
-    )
-    shapes = {k: (cfg.batch, cfg.seq) for k in model.batch_axes}
-    step_fn = compile_step(model, opt, schedule, mesh, shapes, rules, cfg.grad_accum)
-    t0 = time.perf_counter()
-    compiled = step_fn.lower(
-        abstract_state(model, opt, mesh, rules), _abstract_batch(model, shapes, mesh, rules)
-    ).compile()
-    compile_s = time.perf_counter() - t0
-    state = init_state(model, opt, jax.random.key(cfg.seed), mesh, rules)
-    _log(
-        f"model {model.name}: {P.count(model.specs()):,} parameters | mesh {cfg.mesh} on "
-        f"{mesh.devices.size} devices | batch {cfg.batch}x{cfg.seq} | compiled in "
-        f"{compile_s:.1f}s"
-    )
-    history = _loop(cfg, compiled, state, loader, batch_shardings(model, shapes, mesh, rules))
-    return _summary(cfg, history, compile_s)
-
-
-def _abstract_batch(model, shapes, mesh, rules):
-    sh = batch_shardings(model, shapes, mesh, rules)
-    return {k: jax.ShapeDtypeStruct(s, np.int32, sharding=sh[k]) for k, s in shapes.items()}
-
-
-def _loop(cfg: TrainConfig, step_fn, state, loader, shardings) -> list[dict]:
-    history: list[dict] = []
-    sink = open(_ensure_parent(cfg.metrics_file), "w") if cfg.metrics_file else None
-    bar = tqdm(
-        total=cfg.steps, disable=not cfg.progress, unit="step", dynamic_ncols=True, file=sys.stderr
-    )
-    pending, last = None, time.perf_counter()
-    try:
-        for step in range(1, cfg.steps + 2):
-            if step <= cfg.steps:
-                state, metrics = step_fn(state, device_batch(loader.next(), shardings))
-            if pending is not None:
-                fetched = jax.device_get(pending)
-                row = {"step": step - 1, **{k: float(v) for k, v in fetched.items()}}
-                now = time.perf_counter()
-                row["step_time_s"], last = now - last, now
-                row["tokens_per_s"] = cfg.batch * cfg.seq / row["step_time_s"]
-                _check_finite(row)
-                history.append(row)
-                if sink:
-                    sink.write(json.dumps(row) + "\n")
-                    sink.flush()
-                bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_s']:.0f}")
-                bar.update(1)
-            pending = metrics if step <= cfg.steps else None
-    finally:
-        bar.close()
-        if sink:
-            sink.close()
-    return history
-
-
-def _check_finite(row: dict) -> None:
-    if not np.isfinite(row["loss"]) or not np.isfinite(row["grad_norm"]):
-        raise SpmdError(
-            f"loss or gradients became NaN/inf at step {row['step']} "
-            f"(loss={row['loss']}, grad_norm={row['grad_norm']}); lower --lr"
-        )
-
-
-def _summary(cfg: TrainConfig, history: list[dict], compile_s: float) -> dict:
-    steady = history[2:] or history
-    tokens_per_s = float(np.median([r["tokens_per_s"] for r in steady]))
-    summary = {
-        "steps": len(history),
-        "first_loss": history[0]["loss"],
-        "final_loss": history[-1]["loss"],
-        "tokens_per_s": tokens_per_s,
-        "compile_s": compile_s,
+        for k, v in arrays.items()
     }
-    _log(
-        f"done: {summary['steps']} steps | loss {summary['first_loss']:.4f} -> "
-        f"{summary['final_loss']:.4f} | {tokens_per_s:,.0f} tokens/s (median, steady state)"
-        + (f" | metrics in {cfg.metrics_file}" if cfg.metrics_file else "")
+
+
+def process_rows(sharding: NamedSharding, global_shape: tuple[int, ...]) -> range:
+    """The rows of the global batch that this process's devices hold (one contiguous block)."""
+    spans = sorted(
+        {
+            (idx[0].start or 0, global_shape[0] if idx[0].stop is None else idx[0].stop)
+            for idx in sharding.addressable_devices_indices_map(global_shape).values()
+        }
     )
+    for (_, stop), (start, _) in zip(spans, spans[1:], strict=False):
+        if start != stop:
+            raise SpmdError(f"this process's rows {spans} of the batch are not contiguous")
+    return range(spans[0][0], spans[-1][1])
+
+
+@dataclasses.dataclass
+class Run:
+    """Everything the loop needs, built once by `setup`."""
+
+    cfg: TrainConfig
+    model: Model
+    mesh: jax.sharding.Mesh
+    step_fn: object
+    eval_fn: object
+    state: TrainState
+    start_step: int
+    loader: PackedLoader
+    val_loader: PackedLoader | None
+    shardings: dict
+    shapes: dict
+    meta: dict
+    compile_s: float
+
+
+def run(cfg: TrainConfig, rules: Rules | None = None, argv: list[str] | None = None) -> dict:
+    """Train; returns the summary. `argv` (the CLI's) lets a stop say how to resume."""
+    r = setup(cfg, rules)
+    is_main_process = jax.process_index() == 0
+    tokens = r.cfg.batch * r.cfg.seq
+    mon = monitor.Monitor(
+        r.cfg,
+        r.start_step,
+        tokens,
+        tokens * monitor.flops_per_token(r.model, r.cfg.seq),
+        monitor.peak_flops(),
+        enabled=is_main_process,
+    )
+    checkpointer = (
+        ckpt.Checkpointer(r.cfg.ckpt_dir, r.cfg.ckpt_every, r.cfg.keep, r.cfg.async_ckpt)
+        if r.cfg.ckpt_dir
+        else None
+    )
+    stop = StopFlag()
+    try:
+        with stop:
+            last_step = _loop(r, mon, checkpointer, stop)
+    finally:
+        mon.close()
+        if checkpointer:
+            checkpointer.wait()  # an error above must not leave a save half-written
+            checkpointer.close()
+    if r.cfg.plot:
+        mon.plot(r.cfg.plot)
+    summary = _summary(r, mon.rows, last_step, stop.signal)
+    if is_main_process:
+        _report(r.cfg, summary, argv)
     return summary
 
 
-def _ensure_parent(path: str) -> str:
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    return path
+def setup(cfg: TrainConfig, rules: Rules | None = None) -> Run:
+    tokenizer = load_tokenizer(cfg.tokenizer)
+    if cfg.tokenizer and "vocab_size" not in dict(cfg.overrides):
+        # The model's vocabulary follows the tokenizer's, and the config records it, so
+        # anything rebuilding the model from a checkpoint gets the same shapes.
+        cfg = dataclasses.replace(
+            cfg, overrides=(*cfg.overrides, ("vocab_size", str(tokenizer.vocab_size)))
+        )
+    model = cfg.build_model(tokenizer.vocab_size)
+    mesh = make_mesh(cfg.mesh)
+    opt, schedule = optim.make_optimizer(
+        optim.OptimConfig(
+            lr=cfg.lr, warmup_steps=cfg.warmup, total_steps=cfg.schedule_steps or cfg.steps
+        )
+    )
+    shapes = {k: (cfg.batch, cfg.seq) for k in model.batch_axes}
+    step_fn = compile_step(model, opt, schedule, mesh, shapes, rules, cfg.grad_accum)
+    shardings = batch_shardings(model, shapes, mesh, rules)
+    rows = process_rows(shardings["inputs"], shapes["inputs"])
+    loader, val_loader = _loaders(cfg, tokenizer, rows)
+    t0 = time.perf_counter()
+    abstract = abstract_state(model, opt, mesh, rules)
+    compiled = step_fn.lower(abstract, _abstract_batch(shapes, shardings)).compile()
+    compile_s = time.perf_counter() - t0
+    state, start_step, meta = _initial_state(cfg, model, opt, mesh, rules, abstract, loader)
+    if jax.process_index() == 0:
+        print(
+            f"model {model.name}: {P.count(model.specs()):,} parameters | mesh {cfg.mesh} on "
+            f"{mesh.devices.size} devices | batch {cfg.batch}x{cfg.seq} | compiled in "
+            f"{compile_s:.1f}s",
+            flush=True,
+        )
+    eval_fn = _eval_fn(model, mesh, rules, shardings) if val_loader else None
+    return Run(
+        cfg,
+        model,
+        mesh,
+        compiled,
+        eval_fn,
+        state,
+        start_step,
+        loader,
+        val_loader,
+        shardings,
+        shapes,
+        meta,
+        compile_s,
+    )
 
 
-def _log(msg: str) -> None:
-    print(msg, flush=True)
+def _loaders(cfg: TrainConfig, tokenizer, rows: range):
+    train_docs, val_docs = corpus.split_documents(corpus.load_documents(cfg.data))
+    loader = PackedLoader(
+        tokenize_documents(train_docs, tokenizer), cfg.batch, cfg.seq, cfg.seed, rows
+    )
+    if not cfg.eval_every:
+        return loader, None
+    val_tokens = tokenize_documents(val_docs, tokenizer)
+    if len(val_tokens) <= cfg.batch * cfg.seq:
+        raise SpmdError(
+            f"--eval-every needs a validation split of more than {cfg.batch}x{cfg.seq} tokens, "
+            f"but the held-out documents of {cfg.data or 'the stdlib'} have {len(val_tokens)}; "
+            "give more documents (a folder or a .jsonl) or drop --eval-every"
+        )
+    return loader, PackedLoader(val_tokens, cfg.batch, cfg.seq, 0, rows, shuffle=False, prefetch=0)
+
+
+def _abstract_batch(shapes, shardings):
+    return {k: jax.ShapeDtypeStruct(s, np.int32, sharding=shardings[k]) for k, s in shapes.items()}
+
+
+def _initial_state(cfg, model, opt, mesh, rules, abstract, loader):
+    """A fresh state, or with --resume the newest valid checkpoint resharded onto `mesh`."""
+    rng = jax.random.key(cfg.seed)
+    found = ckpt.restore_train_state(cfg.ckpt_dir, abstract) if cfg.resume else None
+    if found is None:
+        if cfg.resume:
+            ckpt.warn(f"--resume: no checkpoint in {cfg.ckpt_dir} yet; starting from step 0")
+        init_key, rng = jax.random.split(rng)
+        state = init_state(model, opt, init_key, mesh, rules)
+        return state, 0, {"rng": _key_to_json(rng)}
+    step, state, meta, saved = found
+    _check_compatible(cfg, saved, step)
+    loader.set_state(meta["loader"])
+    if jax.process_index() == 0:
+        print(f"resumed from {cfg.ckpt_dir} step {step} (saved on mesh {saved['mesh']})")
+    return state, step, meta
+
+
+def _check_compatible(cfg: TrainConfig, saved: dict, step: int) -> None:
+    mine = cfg.to_json()
+    for name in MUST_MATCH:
+        a, b = _canonical(name, mine.get(name)), _canonical(name, saved.get(name))
+        if a != b:
+            raise SpmdError(
+                f"--resume: {name}={a!r} differs from {b!r} in the checkpoint at step {step}; "
+                "use the run's settings or a new --ckpt-dir"
+            )
+
+
+def _canonical(name: str, value):
+    if name == "overrides":
+        return sorted((str(k), str(v)) for k, v in (value or []))
+    return value
+
+
+def _key_to_json(key) -> list[int]:
+    return [int(x) for x in np.asarray(jax.random.key_data(key)).ravel()]
+
+
+def _eval_fn(model, mesh, rules, shardings):
+    param_sh = P.shardings(model.specs(), mesh, rules)
+
+    def loss(params, batch):
+        with sharding_context(mesh, rules):
+            return model.loss(params, batch)
+
+    return jax.jit(
+        loss, in_shardings=(param_sh, shardings), out_shardings=NamedSharding(mesh, PartitionSpec())
+    )
+
+
+def _evaluate(r: Run, params) -> float:
+    """Mean loss over the first `eval_batches` validation batches (the same ones each time)."""
+    losses = [
+        r.eval_fn(params, device_batch(r.val_loader.batch_at(i), r.shardings, r.shapes))
+        for i in range(r.cfg.eval_batches)
+    ]
+    return float(np.mean(jax.device_get(losses)))
+
+
+def _loop(r: Run, mon: monitor.Monitor, checkpointer, stop: StopFlag) -> int:
+    cfg, state, pending, step = r.cfg, r.state, None, r.start_step
+    for step in range(r.start_step + 1, cfg.steps + 1):
+        batch = device_batch(r.loader.next(), r.shardings, r.shapes)
+        state, metrics = r.step_fn(state, batch)
+        if pending is not None:
+            mon.write(mon.fetch(*pending))
+        pending = (step, metrics)
+        evaluate = bool(r.eval_fn) and (step % cfg.eval_every == 0 or step == cfg.steps)
+        save = checkpointer is not None and (
+            checkpointer.due(step) or step == cfg.steps or stop.signal
+        )
+        if evaluate or save or stop.signal:
+            row, pending = mon.fetch(*pending), None  # finite, so safe to save
+            if evaluate:
+                row["eval_loss"] = _evaluate(r, state.params)
+            if save:
+                row["ckpt_blocked_s"] = _save(r, checkpointer, step, state)
+            mon.write(row)
+        if stop.signal:
+            break
+    if pending is not None:
+        mon.write(mon.fetch(*pending))
+    return step
+
+
+def _save(r: Run, checkpointer, step: int, state) -> float:
+    """Start a save; returns how long the loop was blocked (the async write goes on)."""
+    t0 = time.perf_counter()
+    meta = {"loader": r.loader.get_state(), "rng": r.meta["rng"], "mesh": r.cfg.mesh}
+    checkpointer.save(step, state, meta, {**r.cfg.to_json(), "mesh": r.cfg.mesh})
+    return time.perf_counter() - t0
+
+
+class StopFlag(contextlib.AbstractContextManager):
+    """SIGINT/SIGTERM -> `signal` is set; a second SIGINT interrupts at once."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.signal: int | None = None
+        self._previous = {}
+
+    def __enter__(self):
+        with contextlib.suppress(ValueError):  # not the main thread: no handlers
+            for s in self.SIGNALS:
+                self._previous[s] = signal.signal(s, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.signal = signum
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    def __exit__(self, *exc):
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+        return False
+
+
+def _summary(r: Run, rows: list[dict], last_step: int, signum: int | None) -> dict:
+    steady = rows[2:] or rows
+    evals = [row["eval_loss"] for row in rows if "eval_loss" in row]
+    return {
+        "steps": len(rows),
+        "start_step": r.start_step,
+        "last_step": last_step,
+        "first_loss": rows[0]["loss"] if rows else None,
+        "final_loss": rows[-1]["loss"] if rows else None,
+        "eval_loss": evals[-1] if evals else None,
+        "tokens_per_s": float(np.median([x["tokens_per_s"] for x in steady])) if rows else 0.0,
+        "compile_s": r.compile_s,
+        "stopped_by": signal.Signals(signum).name if signum else None,
+    }
+
+
+def _report(cfg: TrainConfig, s: dict, argv: list[str] | None) -> None:
+    if s["steps"]:
+        print(
+            f"done: {s['steps']} steps | loss {s['first_loss']:.4f} -> {s['final_loss']:.4f} | "
+            f"{s['tokens_per_s']:,.0f} tokens/s (median, steady state)"
+            + (f" | eval loss {s['eval_loss']:.4f}" if s["eval_loss"] is not None else "")
+            + (f" | metrics in {cfg.metrics_file}" if cfg.metrics_file else ""),
+            flush=True,
+        )
+    else:
+        print(f"nothing to do: already at step {s['last_step']} of --steps {cfg.steps}")
+    if cfg.ckpt_dir:
+        what = f"stopped by {s['stopped_by']} at" if s["stopped_by"] else "checkpoint at"
+        print(
+            f"{what} step {s['last_step']} in {cfg.ckpt_dir}; resume with: {_resume_command(argv)}",
+            flush=True,
+        )
+    elif s["stopped_by"]:
+        print(
+            f"stopped by {s['stopped_by']} at step {s['last_step']}; no --ckpt-dir, so "
+            "nothing was saved",
+            flush=True,
+        )
+    if cfg.plot:
+        print(f"loss curve in {cfg.plot}", flush=True)
+
+
+def _resume_command(argv: list[str] | None) -> str:
+    if argv is None:
+        return "the same command with --resume"
+    args = list(argv) if "--resume" in argv else [*argv, "--resume"]
+    return "spmd " + shlex.join(args)

@@ -1,0 +1,191 @@
+"""What a run reports: the progress bar, JSON Lines metrics, TensorBoard, the loss plot, MFU.
+
+Only the main process writes anything (`Monitor(enabled=...)`); every process still fetches
+the metrics, so they all see a NaN at the same step.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+from tqdm import tqdm
+
+from spmd import params as P
+from spmd.errors import SpmdError
+
+# Dense bf16 peak FLOP/s per chip, from the vendors' data sheets.
+PEAK_FLOPS = {
+    "h200": 989e12,
+    "h100": 989e12,
+    "a100": 312e12,
+    "tpu v5p": 459e12,
+    "tpu v5 lite": 197e12,
+    "tpu v5e": 197e12,
+    "tpu v4": 275e12,
+}
+
+
+def flops_per_token(model, seq: int) -> float:
+    """Training FLOPs per token: 6 per weight that multiplies, plus causal attention's
+    score and value matmuls (12 * layers * heads * head_dim * seq, forward and backward)."""
+    specs = model.specs()
+    n = P.count(specs) - (P.count(specs["embed"]) if "embed" in specs else 0)
+    cfg = model.cfg
+    attn = 12 * cfg.n_layers * cfg.n_heads * cfg.head_dim * seq if hasattr(cfg, "n_heads") else 0
+    return 6.0 * n + attn
+
+
+def peak_flops() -> float:
+    """Peak FLOP/s of all devices in the job. On CPU, a timed matmul on this host stands in
+    for the data sheet (every simulated device shares the same cores)."""
+    device = jax.devices()[0]
+    if device.platform != "cpu":
+        kind = device.device_kind.lower()
+        per_chip = next((v for k, v in PEAK_FLOPS.items() if k in kind), None)
+        return per_chip * jax.device_count() if per_chip else float("nan")
+    return _host_matmul_flops(jax.local_devices()[0]) * jax.process_count()
+
+
+def _host_matmul_flops(device, n: int = 512) -> float:
+    x = jax.device_put(np.ones((n, n), np.float32), device)
+    matmul = jax.jit(lambda a: a @ a)
+    matmul(x).block_until_ready()
+    best = float("inf")
+    for _ in range(3):
+        t0 = time.perf_counter()
+        matmul(x).block_until_ready()
+        best = min(best, time.perf_counter() - t0)
+    return 2.0 * n**3 / best
+
+
+def check_finite(row: dict) -> None:
+    for key in ("loss", "grad_norm", "param_norm"):
+        if key in row and not np.isfinite(row[key]):
+            raise SpmdError(
+                f"{key} became {row[key]} at step {row['step']} (loss={row['loss']:.4g}, "
+                f"grad_norm={row['grad_norm']:.4g}); stopped before saving that step: "
+                "lower --lr or raise --warmup"
+            )
+
+
+class Monitor:
+    """Turns fetched metrics into rows, and rows into the bar, the files and the plot."""
+
+    def __init__(
+        self,
+        cfg,
+        start_step: int,
+        tokens_per_step: int,
+        flops_per_step: float,
+        peak: float,
+        enabled: bool,
+    ):
+        self.cfg, self.enabled = cfg, enabled
+        self.tokens_per_step, self.flops_per_step, self.peak = tokens_per_step, flops_per_step, peak
+        self.rows: list[dict] = []  # this run's rows
+        self.earlier = _earlier_rows(cfg.metrics_file, start_step) if enabled else []
+        self._sink = self._tb = None
+        if enabled and cfg.metrics_file:
+            self._sink = _rewrite(cfg.metrics_file, self.earlier)
+        if enabled and cfg.tensorboard:
+            from tensorboardX import SummaryWriter
+
+            self._tb = SummaryWriter(cfg.tensorboard)
+        self._bar = tqdm(
+            total=cfg.steps,
+            initial=start_step,
+            disable=not (enabled and cfg.progress),
+            unit="step",
+            dynamic_ncols=True,
+            file=sys.stderr,
+        )
+        self._last = time.perf_counter()
+
+    def fetch(self, step: int, metrics) -> dict:
+        """Wait for a step's metrics; check them. Every process calls this."""
+        row = {"step": step, **{k: float(v) for k, v in jax.device_get(metrics).items()}}
+        now = time.perf_counter()
+        row["step_time_s"], self._last = now - self._last, now
+        row["tokens_per_s"] = self.tokens_per_step / row["step_time_s"]
+        row["mfu"] = self.flops_per_step / row["step_time_s"] / self.peak
+        check_finite(row)
+        return row
+
+    def write(self, row: dict) -> None:
+        self.rows.append(row)
+        if not self.enabled:
+            return
+        if self._sink:
+            self._sink.write(json.dumps(row) + "\n")
+            self._sink.flush()
+        if self._tb:
+            for key, value in row.items():
+                if key != "step":
+                    group = "eval" if key.startswith("eval") else "train"
+                    self._tb.add_scalar(f"{group}/{key}", value, row["step"])
+        post = {"loss": f"{row['loss']:.3f}", "tok/s": f"{row['tokens_per_s']:,.0f}"}
+        if np.isfinite(row["mfu"]):
+            post["mfu"] = f"{100 * row['mfu']:.1f}%"
+        if "eval_loss" in row:
+            post["eval"] = f"{row['eval_loss']:.3f}"
+        self._bar.set_postfix(post)
+        self._bar.update(row["step"] - self._bar.n)
+
+    def close(self) -> None:
+        self._bar.close()
+        if self._sink:
+            self._sink.close()
+        if self._tb:
+            self._tb.close()
+
+    def plot(self, path: str) -> None:
+        if self.enabled:
+            plot_losses(self.earlier + self.rows, path)
+
+
+def _earlier_rows(path: str | None, start_step: int) -> list[dict]:
+    """Rows a resumed run keeps: those up to the step it resumes from."""
+    if not path or not start_step or not Path(path).is_file():
+        return []
+    rows = []
+    for line in Path(path).read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue  # a line cut short by a kill
+        if isinstance(row, dict) and row.get("step", start_step + 1) <= start_step:
+            rows.append(row)
+    return rows
+
+
+def _rewrite(path: str, rows: list[dict]):
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    sink = open(path, "w")
+    sink.writelines(json.dumps(r) + "\n" for r in rows)
+    sink.flush()
+    return sink
+
+
+def plot_losses(rows: list[dict], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display needed
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], label="train loss")
+    evals = [r for r in rows if "eval_loss" in r]
+    if evals:
+        ax.plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], "o-", label="eval")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
