@@ -17,6 +17,10 @@ from spmd.errors import SpmdError
 COMMANDS = {
     "train": "spmd.commands.train",
     "models": "spmd.commands.models",
+    "checkpoint": "spmd.commands.checkpoint",
+    "tokenizer": "spmd.commands.tokenizer",
+    "launch": "spmd.commands.launch",
+    "generate": "spmd.commands.generate",
 }
 
 
@@ -53,6 +57,10 @@ def main(argv: list[str] | None = None) -> int:
             from spmd.mesh import simulate_cpu_devices
 
             simulate_cpu_devices(args.devices)
+        if getattr(modules[args.command], "RUNS_JAX", True):
+            from spmd.distributed import initialize
+
+            initialize()  # joins a multi-process job if there is one; else does nothing
         return modules[args.command].run(args)
     except SpmdError as e:
         msg = str(e)
