@@ -33,8 +33,9 @@ class KVCache:
 
 def init_cache(cfg: gpt.GPTConfig, batch: int, slots: int) -> KVCache:
     shape = (cfg.n_layers, batch, cfg.n_kv_heads, slots, cfg.head_dim)
-    zeros = jnp.zeros(shape, cfg.dtype)
-    return KVCache(constrain(zeros, CACHE_AXES), constrain(zeros, CACHE_AXES))
+    # Two separate buffers, so that both can be donated.
+    k, v = (constrain(jnp.zeros(shape, cfg.dtype), CACHE_AXES) for _ in range(2))
+    return KVCache(k, v)
 
 
 def attend_cached(q_bthk, k_bgsk, v_bgsk, mask_bts):
