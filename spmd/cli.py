@@ -17,6 +17,8 @@ from spmd.errors import SpmdError
 COMMANDS = {
     "train": "spmd.commands.train",
     "models": "spmd.commands.models",
+    "explain": "spmd.commands.explain",
+    "plan": "spmd.commands.plan",
     "checkpoint": "spmd.commands.checkpoint",
     "tokenizer": "spmd.commands.tokenizer",
     "launch": "spmd.commands.launch",

@@ -7,6 +7,7 @@ the metrics, so they all see a NaN at the same step.
 from __future__ import annotations
 
 import json
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -189,3 +190,37 @@ def plot_losses(rows: list[dict], path: str) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
+
+
+def report(cfg, s: dict, argv: list[str] | None) -> None:
+    if s["steps"]:
+        print(
+            f"done: {s['steps']} steps | loss {s['first_loss']:.4f} -> {s['final_loss']:.4f} | "
+            f"{s['tokens_per_s']:,.0f} tokens/s (median, steady state)"
+            + (f" | eval loss {s['eval_loss']:.4f}" if s["eval_loss"] is not None else "")
+            + (f" | metrics in {cfg.metrics_file}" if cfg.metrics_file else ""),
+            flush=True,
+        )
+    else:
+        print(f"nothing to do: already at step {s['last_step']} of --steps {cfg.steps}")
+    if cfg.ckpt_dir:
+        what = f"stopped by {s['stopped_by']} at" if s["stopped_by"] else "checkpoint at"
+        print(
+            f"{what} step {s['last_step']} in {cfg.ckpt_dir}; resume with: {_resume_command(argv)}",
+            flush=True,
+        )
+    elif s["stopped_by"]:
+        print(
+            f"stopped by {s['stopped_by']} at step {s['last_step']}; no --ckpt-dir, so "
+            "nothing was saved",
+            flush=True,
+        )
+    if cfg.plot:
+        print(f"loss curve in {cfg.plot}", flush=True)
+
+
+def _resume_command(argv: list[str] | None) -> str:
+    if argv is None:
+        return "the same command with --resume"
+    args = list(argv) if "--resume" in argv else [*argv, "--resume"]
+    return "spmd " + shlex.join(args)

@@ -70,9 +70,9 @@ def train_step(
     params = optax.apply_updates(state.params, updates)
     metrics = {
         "loss": loss,
-        "grad_norm": optax.global_norm(grads),
-        "update_norm": optax.global_norm(updates),
-        "param_norm": optax.global_norm(params),
+        "grad_norm": optax.tree.norm(grads),
+        "update_norm": optax.tree.norm(updates),
+        "param_norm": optax.tree.norm(params),
         "lr": jnp.asarray(schedule(state.step), jnp.float32),
     }
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics

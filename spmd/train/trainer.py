@@ -10,9 +10,7 @@ SIGINT and SIGTERM set a flag; the loop finishes the step it is on, saves it and
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import shlex
 import signal
 import time
 
@@ -32,6 +30,7 @@ from spmd.rules import Rules, sharding_context
 from spmd.train import monitor, optim
 from spmd.train.state import TrainState, abstract_state, init_state
 from spmd.train.step import batch_shardings, compile_step
+from spmd.train.stop import StopFlag
 
 # Fields a resumed run must share with its checkpoint: they fix the parameters' shapes and
 # the batch sequence. The mesh, the step count, the learning rate and the rest may change.
@@ -169,19 +168,17 @@ def run(cfg: TrainConfig, rules: Rules | None = None, argv: list[str] | None = N
         mon.plot(r.cfg.plot)
     summary = _summary(r, mon.rows, last_step, stop.signal)
     if is_main_process:
-        _report(r.cfg, summary, argv)
+        monitor.report(r.cfg, summary, argv)
     return summary
 
 
 def setup(cfg: TrainConfig, rules: Rules | None = None) -> Run:
     tokenizer = load_tokenizer(cfg.tokenizer)
-    if cfg.tokenizer and "vocab_size" not in dict(cfg.overrides):
-        # The model's vocabulary follows the tokenizer's, and the config records it, so
-        # anything rebuilding the model from a checkpoint gets the same shapes.
-        cfg = dataclasses.replace(
-            cfg, overrides=(*cfg.overrides, ("vocab_size", str(tokenizer.vocab_size)))
-        )
+    cfg = _with_tokenizer_vocab(cfg, tokenizer)
     model = cfg.build_model(tokenizer.vocab_size)
+    if cfg.resume and (step := ckpt.latest_valid_step(cfg.ckpt_dir)) is not None:
+        # Refuse a mismatched run before spending minutes compiling it.
+        _check_compatible(cfg, ckpt.load_run_config(cfg.ckpt_dir, step), step)
     mesh = make_mesh(cfg.mesh)
     opt, schedule = optim.make_optimizer(
         optim.OptimConfig(
@@ -221,6 +218,15 @@ def setup(cfg: TrainConfig, rules: Rules | None = None) -> Run:
         meta,
         compile_s,
     )
+
+
+def _with_tokenizer_vocab(cfg: TrainConfig, tokenizer) -> TrainConfig:
+    """The model's vocabulary follows a BPE tokenizer's, and the config records it, so
+    anything that rebuilds the model from a checkpoint gets the same shapes."""
+    if not cfg.tokenizer or "vocab_size" in dict(cfg.overrides):
+        return cfg
+    vocab = ("vocab_size", str(tokenizer.vocab_size))
+    return dataclasses.replace(cfg, overrides=(*cfg.overrides, vocab))
 
 
 def _loaders(cfg: TrainConfig, tokenizer, rows: range):
@@ -338,31 +344,6 @@ def _save(r: Run, checkpointer, step: int, state) -> float:
     return time.perf_counter() - t0
 
 
-class StopFlag(contextlib.AbstractContextManager):
-    """SIGINT/SIGTERM -> `signal` is set; a second SIGINT interrupts at once."""
-
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-    def __init__(self):
-        self.signal: int | None = None
-        self._previous = {}
-
-    def __enter__(self):
-        with contextlib.suppress(ValueError):  # not the main thread: no handlers
-            for s in self.SIGNALS:
-                self._previous[s] = signal.signal(s, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        self.signal = signum
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-
-    def __exit__(self, *exc):
-        for s, handler in self._previous.items():
-            signal.signal(s, handler)
-        return False
-
-
 def _summary(r: Run, rows: list[dict], last_step: int, signum: int | None) -> dict:
     steady = rows[2:] or rows
     evals = [row["eval_loss"] for row in rows if "eval_loss" in row]
@@ -377,37 +358,3 @@ def _summary(r: Run, rows: list[dict], last_step: int, signum: int | None) -> di
         "compile_s": r.compile_s,
         "stopped_by": signal.Signals(signum).name if signum else None,
     }
-
-
-def _report(cfg: TrainConfig, s: dict, argv: list[str] | None) -> None:
-    if s["steps"]:
-        print(
-            f"done: {s['steps']} steps | loss {s['first_loss']:.4f} -> {s['final_loss']:.4f} | "
-            f"{s['tokens_per_s']:,.0f} tokens/s (median, steady state)"
-            + (f" | eval loss {s['eval_loss']:.4f}" if s["eval_loss"] is not None else "")
-            + (f" | metrics in {cfg.metrics_file}" if cfg.metrics_file else ""),
-            flush=True,
-        )
-    else:
-        print(f"nothing to do: already at step {s['last_step']} of --steps {cfg.steps}")
-    if cfg.ckpt_dir:
-        what = f"stopped by {s['stopped_by']} at" if s["stopped_by"] else "checkpoint at"
-        print(
-            f"{what} step {s['last_step']} in {cfg.ckpt_dir}; resume with: {_resume_command(argv)}",
-            flush=True,
-        )
-    elif s["stopped_by"]:
-        print(
-            f"stopped by {s['stopped_by']} at step {s['last_step']}; no --ckpt-dir, so "
-            "nothing was saved",
-            flush=True,
-        )
-    if cfg.plot:
-        print(f"loss curve in {cfg.plot}", flush=True)
-
-
-def _resume_command(argv: list[str] | None) -> str:
-    if argv is None:
-        return "the same command with --resume"
-    args = list(argv) if "--resume" in argv else [*argv, "--resume"]
-    return "spmd " + shlex.join(args)
