@@ -1,0 +1,60 @@
+"""Bad input ends with one clear line on stderr and exit status 2, never a traceback."""
+
+import pytest
+from conftest import run_spmd
+
+from spmd.cli import main
+
+TRAIN = ["train", "--model", "gpt-tiny", "--steps", "1", "--no-progress"]
+
+
+@pytest.fixture
+def text_file(tmp_path):
+    path = tmp_path / "tiny.txt"
+    path.write_text("def f(x):\n    return x + 1\n" * 200)
+    return str(path)
+
+
+def fails_cleanly(capsys, argv, message):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert "Traceback" not in err
+    assert message in lines[0], lines[0]
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--model", "gpt-huge"], "unknown model 'gpt-huge'"),
+    (["--mesh", "fsdp=4,pipeline=2"], "unknown mesh axis 'pipeline'"),
+    (["--mesh", "fsdp=4"], "has 4 devices but 8 are available"),
+    (["--mesh", "data=8", "--batch", "12"], "batch=12 is not divisible by data=8"),
+    (["--mesh", "data=2,tensor=4", "--set", "n_heads=6,n_kv_heads=6"],
+     "heads=6 is not divisible by tensor=4"),
+    (["--seq", "-3"], "argument --seq: -3 must be a positive integer"),
+    (["--data", "/no/such/corpus.txt"], "--data /no/such/corpus.txt does not exist"),
+    (["--set", "depth=3"], "unknown model field 'depth'"),
+    (["--mesh", "data=8", "--batch", "8", "--grad-accum", "2"],
+     "microbatch=4 is not divisible by data=8"),
+])
+def test_train_rejects(capsys, text_file, extra, message):
+    argv = [*TRAIN, "--data", text_file, "--batch", "8", "--seq", "16", *extra]
+    fails_cleanly(capsys, argv, message)
+
+
+def test_devices_that_cannot_be_simulated_any_more(capsys, text_file):
+    fails_cleanly(capsys, [*TRAIN, "--devices", "4"], "already started with 8")
+
+
+def test_unknown_command(capsys):
+    fails_cleanly(capsys, ["fly"], "invalid choice: 'fly'")
+
+
+@pytest.mark.slow
+def test_real_process_exit_status_and_single_line():
+    out = run_spmd("train", "--devices", "4", "--mesh", "tensor=3", "--steps", "1")
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines() == [
+        "spmd: error: mesh tensor=3 has 3 devices but 4 are available; "
+        "use --devices 3 or a mesh whose sizes multiply to 4"
+    ]
