@@ -46,7 +46,7 @@ def fit(mesh, x, y, epochs: int, seed: int = 0, verbose: bool = True):
         order = np.random.default_rng([seed, epoch]).permutation(len(x))
         total = 0.0
         for start in range(0, len(x), BATCH):
-            idx = order[start:start + BATCH]
+            idx = order[start : start + BATCH]
             batch = {"x": x[idx], "y": y[idx]}
             shapes = {k: v.shape for k, v in batch.items()}
             key = len(idx)
@@ -77,11 +77,18 @@ def run(epochs: int = 10, verbose: bool = True) -> dict:
     param_diff = max(float(np.max(np.abs(a - b))) for a, b in pairs)
     scale = max(float(np.max(np.abs(b))) for _, b in pairs)
     if verbose:
-        print(f"largest difference from the same run on 1 device: loss {loss_diff:.3g}, "
-              f"parameters {param_diff:.3g} (relative to the largest parameter: "
-              f"{param_diff / scale:.3g}; float32 epsilon is {np.finfo(np.float32).eps:.3g})")
-    return {"losses": losses, "ref_losses": ref_losses, "loss_diff": loss_diff,
-            "param_diff": param_diff, "param_scale": scale}
+        print(
+            f"largest difference from the same run on 1 device: loss {loss_diff:.3g}, "
+            f"parameters {param_diff:.3g} (relative to the largest parameter: "
+            f"{param_diff / scale:.3g}; float32 epsilon is {np.finfo(np.float32).eps:.3g})"
+        )
+    return {
+        "losses": losses,
+        "ref_losses": ref_losses,
+        "loss_diff": loss_diff,
+        "param_diff": param_diff,
+        "param_scale": scale,
+    }
 
 
 if __name__ == "__main__":

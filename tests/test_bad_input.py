@@ -24,19 +24,26 @@ def fails_cleanly(capsys, argv, message):
     assert message in lines[0], lines[0]
 
 
-@pytest.mark.parametrize("extra, message", [
-    (["--model", "gpt-huge"], "unknown model 'gpt-huge'"),
-    (["--mesh", "fsdp=4,pipeline=2"], "unknown mesh axis 'pipeline'"),
-    (["--mesh", "fsdp=4"], "has 4 devices but 8 are available"),
-    (["--mesh", "data=8", "--batch", "12"], "batch=12 is not divisible by data=8"),
-    (["--mesh", "data=2,tensor=4", "--set", "n_heads=6,n_kv_heads=6"],
-     "heads=6 is not divisible by tensor=4"),
-    (["--seq", "-3"], "argument --seq: -3 must be a positive integer"),
-    (["--data", "/no/such/corpus.txt"], "--data /no/such/corpus.txt does not exist"),
-    (["--set", "depth=3"], "unknown model field 'depth'"),
-    (["--mesh", "data=8", "--batch", "8", "--grad-accum", "2"],
-     "microbatch=4 is not divisible by data=8"),
-])
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--model", "gpt-huge"], "unknown model 'gpt-huge'"),
+        (["--mesh", "fsdp=4,pipeline=2"], "unknown mesh axis 'pipeline'"),
+        (["--mesh", "fsdp=4"], "has 4 devices but 8 are available"),
+        (["--mesh", "data=8", "--batch", "12"], "batch=12 is not divisible by data=8"),
+        (
+            ["--mesh", "data=2,tensor=4", "--set", "n_heads=6,n_kv_heads=6"],
+            "heads=6 is not divisible by tensor=4",
+        ),
+        (["--seq", "-3"], "argument --seq: -3 must be a positive integer"),
+        (["--data", "/no/such/corpus.txt"], "--data /no/such/corpus.txt does not exist"),
+        (["--set", "depth=3"], "unknown model field 'depth'"),
+        (
+            ["--mesh", "data=8", "--batch", "8", "--grad-accum", "2"],
+            "microbatch=4 is not divisible by data=8",
+        ),
+    ],
+)
 def test_train_rejects(capsys, text_file, extra, message):
     argv = [*TRAIN, "--data", text_file, "--batch", "8", "--seq", "16", *extra]
     fails_cleanly(capsys, argv, message)

@@ -60,7 +60,9 @@ def test_remat_changes_memory_not_numbers(tiny, remat):
     batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}
     base = jax.jit(jax.grad(model.loss))(params, batch)
     other = get_model("gpt-tiny", {"n_layers": 2, "remat": remat})
-    chex.assert_trees_all_close(jax.jit(jax.grad(other.loss))(params, batch), base, rtol=1e-5, atol=1e-7)
+    chex.assert_trees_all_close(
+        jax.jit(jax.grad(other.loss))(params, batch), base, rtol=1e-5, atol=1e-7
+    )
 
 
 def test_bfloat16_compute_keeps_fp32_params_and_logits(tiny):

@@ -11,8 +11,14 @@ def test_string_and_dict_give_the_same_mesh():
     b = spmd.make_mesh({"fsdp": 4, "tensor": 2})
     assert a.axis_names == b.axis_names == MESH_AXES
     assert dict(a.shape) == dict(b.shape)
-    assert dict(a.shape) == {"data": 1, "stage": 1, "fsdp": 4, "sequence": 1, "expert": 1,
-                             "tensor": 2}
+    assert dict(a.shape) == {
+        "data": 1,
+        "stage": 1,
+        "fsdp": 4,
+        "sequence": 1,
+        "expert": 1,
+        "tensor": 2,
+    }
 
 
 def test_axes_are_auto_and_tensor_is_innermost():
@@ -33,15 +39,18 @@ def test_mesh_on_a_subset_of_devices():
     assert mesh.devices.size == 4
 
 
-@pytest.mark.parametrize("spec, message", [
-    ("fsdp=4", "has 4 devices but 8 are available"),
-    ("pipeline=8", "unknown mesh axis 'pipeline'"),
-    ("data=-1,fsdp=-1", "at most one mesh axis may be -1"),
-    ("data=-1,tensor=3", "not divisible by 3"),
-    ("fsdp=two", "not an integer"),
-    ("fsdp", "must look like axis=size"),
-    ("data=0", "must be positive"),
-])
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("fsdp=4", "has 4 devices but 8 are available"),
+        ("pipeline=8", "unknown mesh axis 'pipeline'"),
+        ("data=-1,fsdp=-1", "at most one mesh axis may be -1"),
+        ("data=-1,tensor=3", "not divisible by 3"),
+        ("fsdp=two", "not an integer"),
+        ("fsdp", "must look like axis=size"),
+        ("data=0", "must be positive"),
+    ],
+)
 def test_bad_specs_name_the_problem(spec, message):
     with pytest.raises(SpmdError, match=message):
         spmd.make_mesh(spec)

@@ -34,8 +34,10 @@ def test_init_does_not_depend_on_the_mesh():
 
 
 def test_count_and_bytes():
-    specs = {"a": P.ParamSpec((3, 4), (None, None), P.zeros),
-             "b": P.ParamSpec((5,), (None,), P.ones, jnp.bfloat16)}
+    specs = {
+        "a": P.ParamSpec((3, 4), (None, None), P.zeros),
+        "b": P.ParamSpec((5,), (None,), P.ones, jnp.bfloat16),
+    }
     assert P.count(specs) == 17
     assert P.nbytes(specs) == 12 * 4 + 5 * 2
     values = P.init_unsharded(specs, jax.random.key(0))

@@ -13,7 +13,9 @@ def mesh():
 
 def test_default_rules_map_weights_and_activations(mesh):
     assert logical_to_spec(("embed", "mlp"), mesh) == P("fsdp", "tensor")
-    assert logical_to_spec(("layers", "embed", "heads", None), mesh) == P(None, "fsdp", "tensor", None)
+    assert logical_to_spec(("layers", "embed", "heads", None), mesh) == P(
+        None, "fsdp", "tensor", None
+    )
     assert logical_to_spec(("batch", "length", None), mesh) == P(("data", "fsdp"), None, None)
 
 
