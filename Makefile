@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-fast lint train seed clean
+.PHONY: install test test-fast lint train seed compile-time clean
 
 install: $(STAMP)
 
@@ -31,6 +31,9 @@ train: $(STAMP)
 
 seed: $(STAMP)
 	$(PY) -m experiments.seed_mirrored
+
+compile-time: $(STAMP)
+	$(PY) -m experiments.compile_time
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
