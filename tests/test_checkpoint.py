@@ -1,0 +1,170 @@
+"""orbax checkpoints: round trips, resharded restores, and the corrupt-step fallbacks."""
+
+import json
+from pathlib import Path
+
+import chex
+import jax
+import numpy as np
+import pytest
+
+from spmd import checkpoint as ckpt
+from spmd import cli
+from spmd import params as P
+from spmd.errors import SpmdError
+from spmd.mesh import make_mesh
+from spmd.models import get_model
+from spmd.train import optim
+from spmd.train.state import TrainState, abstract_state, state_shardings
+
+OVERRIDES = (("n_layers", "2"), ("d_model", "64"))
+CONFIG = {"model": "gpt-tiny", "overrides": [list(kv) for kv in OVERRIDES], "mesh": "fsdp=8"}
+
+
+def _model():
+    return get_model("gpt-tiny", dict(OVERRIDES))
+
+
+def _opt():
+    return optim.make_optimizer(optim.OptimConfig())[0]
+
+
+def _placed_state(model, opt, mesh, seed=0):
+    """A TrainState on its shardings, from numpy: JAX's random init costs many compiles."""
+    rng = np.random.default_rng(seed)
+    shapes = jax.eval_shape(lambda p: (p, opt.init(p)), P.abstract(model.specs()))
+    params, opt_state = jax.tree.map(lambda s: rng.standard_normal(s.shape).astype(s.dtype), shapes)
+    state = TrainState(step=np.int32(0), params=params, opt_state=opt_state)
+    return jax.device_put(state, state_shardings(model, opt, mesh))
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """Steps 1..3 saved asynchronously on fsdp=8, each with distinct parameters."""
+    directory = str(tmp_path_factory.mktemp("ckpt") / "run")
+    model, opt = _model(), _opt()
+    mesh = make_mesh("fsdp=8")
+    saver = ckpt.Checkpointer(directory, every=1, keep=5)
+    states = {}
+    for step in (1, 2, 3):
+        state = _placed_state(model, opt, mesh, seed=step)
+        states[step] = jax.device_get(state.params)
+        saver.save(step, state, {"loader": {"next_batch": step}, "rng": [0, step]}, CONFIG)
+    saver.wait()
+    saver.close()
+    return directory, states, state
+
+
+def _copy(directory, tmp_path):
+    import shutil
+
+    return shutil.copytree(directory, tmp_path / "copy")
+
+
+def _largest_data_file(step_dir: Path) -> Path:
+    files = [f for f in (step_dir / "params").rglob("*") if f.is_file() and "/d/" in str(f)]
+    return max(files, key=lambda f: f.stat().st_size)
+
+
+@pytest.mark.parametrize("spec, devices", [("data=2,tensor=4", 8), ("fsdp=8", 8), ("data=1", 1)])
+def test_restore_reshards_onto_any_mesh(saved, spec, devices):
+    directory, states, _ = saved
+    mesh = make_mesh(spec, devices=jax.devices()[:devices])
+    target = abstract_state(_model(), _opt(), mesh)
+    step, state, meta, config = ckpt.restore_train_state(directory, target)
+    assert step == 3 and int(state.step) == 3
+    assert meta["loader"] == {"next_batch": 3} and meta["rng"] == [0, 3]
+    assert config == CONFIG
+    # Every array lands directly in the target sharding, with the saved values.
+    shardings = jax.tree.map(lambda x: x.sharding, (state.params, state.opt_state))
+    chex.assert_trees_all_equal(
+        shardings, jax.tree.map(lambda x: x.sharding, (target.params, target.opt_state))
+    )
+    chex.assert_trees_all_equal(jax.device_get(state.params), states[3])
+
+
+def test_restore_params_and_run_config(saved):
+    directory, states, _ = saved
+    config = ckpt.load_run_config(directory)
+    model = get_model(config["model"], dict(config["overrides"]))
+    mesh = make_mesh("tensor=2", devices=jax.devices()[:2])
+    params = ckpt.restore_params(directory, model, mesh, step=2)
+    chex.assert_trees_all_equal(jax.device_get(params), states[2])
+    assert params["head"].sharding.mesh.shape["tensor"] == 2
+    assert ckpt.latest_valid_step(directory) == 3
+
+
+def test_empty_step_folder_is_ignored(saved, tmp_path, capsys):
+    directory = _copy(saved[0], tmp_path)
+    (directory / "7").mkdir()
+    assert ckpt.all_steps(directory) == [1, 2, 3, 7]
+    assert ckpt.latest_valid_step(directory) == 3
+    step, *_ = ckpt.restore_train_state(
+        directory, abstract_state(_model(), _opt(), make_mesh("fsdp=8"))
+    )
+    assert step == 3
+    assert "step 7" in capsys.readouterr().err
+
+
+def test_truncated_data_file_falls_back_to_the_previous_step(saved, tmp_path, capsys):
+    directory = _copy(saved[0], tmp_path)
+    victim = _largest_data_file(directory / "3")
+    with open(victim, "r+b") as f:
+        f.truncate(victim.stat().st_size // 2)
+    assert ckpt.step_problem(directory, 3) is None  # the metadata alone looks whole
+    assert "reading it failed" in ckpt.verify_step(directory, 3)
+    assert ckpt.verify_step(directory, 2) is None
+    step, state, _, _ = ckpt.restore_train_state(
+        directory, abstract_state(_model(), _opt(), make_mesh("fsdp=8"))
+    )
+    assert step == 2
+    chex.assert_trees_all_equal(jax.device_get(state.params), saved[1][2])
+    err = capsys.readouterr().err
+    assert "step 3" in err and "falling back to step 2" in err and "Traceback" not in err
+
+
+def test_no_valid_step_is_one_clear_error(saved, tmp_path):
+    directory = _copy(saved[0], tmp_path)
+    for step in (1, 2, 3):
+        (directory / str(step) / "_CHECKPOINT_METADATA").unlink()
+    target = abstract_state(_model(), _opt(), make_mesh("fsdp=8"))
+    with pytest.raises(SpmdError, match="holds no valid checkpoint") as e:
+        ckpt.restore_train_state(directory, target)
+    assert "\n" not in str(e.value)
+    with pytest.raises(SpmdError, match="does not exist"):
+        ckpt.restore_params(str(tmp_path / "nowhere"), _model(), make_mesh("fsdp=8"))
+    assert ckpt.restore_train_state(str(tmp_path / "nowhere"), target) is None
+
+
+def test_keep_limits_the_steps_on_disk(saved, tmp_path):
+    state = saved[2]
+    saver = ckpt.Checkpointer(str(tmp_path / "k"), every=2, keep=2, async_save=False)
+    assert [s for s in range(1, 7) if saver.due(s)] == [2, 4, 6]
+    for step in (2, 4, 6):
+        saver.save(step, state, {"loader": {"next_batch": step}}, CONFIG)
+    saver.close()
+    assert ckpt.all_steps(str(tmp_path / "k")) == [4, 6]
+
+
+def test_nothing_is_pickled(saved):
+    """The JSON items are plain JSON, and no file holds a pickle stream."""
+    root = Path(saved[0]) / "3"
+    assert json.loads((root / "config" / "metadata").read_text()) == CONFIG
+    for f in root.rglob("*"):
+        if f.is_file():
+            assert f.read_bytes()[:2] not in (b"\x80\x03", b"\x80\x04", b"\x80\x05"), f
+
+
+def test_checkpoint_info_command(saved, tmp_path, capsys):
+    directory = _copy(saved[0], tmp_path)
+    (directory / "9").mkdir()
+    victim = _largest_data_file(directory / "3")
+    victim.write_bytes(victim.read_bytes()[:100])
+    assert cli.main(["checkpoint", "info", str(directory), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    valid = {r["step"]: r["problem"] is None for r in info["steps"]}
+    assert valid == {1: True, 2: True, 3: False, 9: False}
+    assert info["latest_valid"] == 2 and info["config"]["model"] == "gpt-tiny"
+    assert all(r["bytes"] > 0 for r in info["steps"] if r["step"] != 9)
+    assert cli.main(["checkpoint", "info", str(tmp_path / "none")]) == 2
+    assert "does not exist" in capsys.readouterr().err
