@@ -190,6 +190,26 @@ def restore_with_fallback(ckpt_dir: str, restore: Callable[[int], Any], step: in
     )
 
 
+def set_aside_newer(ckpt_dir: str, step: int) -> list[str]:
+    """Rename step folders newer than `step` (all invalid, or the restore would have used
+    them) to `<step>.invalid`, so the resumed run can save those steps again."""
+    moved = []
+    if is_main_process():
+        for s in all_steps(ckpt_dir):
+            if s > step:
+                target = Path(ckpt_dir) / f"{s}.invalid"
+                n = 1
+                while target.exists():
+                    target, n = Path(ckpt_dir) / f"{s}.invalid{n}", n + 1
+                (Path(ckpt_dir) / str(s)).rename(target)
+                moved.append(target.name)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("spmd: invalid steps set aside")
+    return moved
+
+
 def _first_line(e: BaseException) -> str:
     """The root cause's first line: tensorstore's own words, not orbax's wrapper."""
     while e.__cause__ is not None or e.__context__ is not None:

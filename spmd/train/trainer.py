@@ -23,6 +23,7 @@ from spmd import params as P
 from spmd.data import corpus
 from spmd.data.loader import PackedLoader
 from spmd.data.tokenizer import load_tokenizer, tokenize_documents
+from spmd.distributed import AnyProcess
 from spmd.errors import SpmdError
 from spmd.mesh import make_mesh
 from spmd.models import Model, get_model
@@ -176,9 +177,7 @@ def setup(cfg: TrainConfig, rules: Rules | None = None) -> Run:
     tokenizer = load_tokenizer(cfg.tokenizer)
     cfg = _with_tokenizer_vocab(cfg, tokenizer)
     model = cfg.build_model(tokenizer.vocab_size)
-    if cfg.resume and (step := ckpt.latest_valid_step(cfg.ckpt_dir)) is not None:
-        # Refuse a mismatched run before spending minutes compiling it.
-        _check_compatible(cfg, ckpt.load_run_config(cfg.ckpt_dir, step), step)
+    _check_ckpt_dir(cfg)
     mesh = make_mesh(cfg.mesh)
     opt, schedule = optim.make_optimizer(
         optim.OptimConfig(
@@ -218,6 +217,19 @@ def setup(cfg: TrainConfig, rules: Rules | None = None) -> Run:
         meta,
         compile_s,
     )
+
+
+def _check_ckpt_dir(cfg: TrainConfig) -> None:
+    """Refuse to clobber a run, or to resume a different one, before compiling anything."""
+    if not cfg.ckpt_dir:
+        return
+    if not cfg.resume and ckpt.all_steps(cfg.ckpt_dir):
+        raise SpmdError(
+            f"--ckpt-dir {cfg.ckpt_dir} already holds checkpoints; add --resume to continue "
+            "that run, or choose a new directory"
+        )
+    if cfg.resume and (step := ckpt.latest_valid_step(cfg.ckpt_dir)) is not None:
+        _check_compatible(cfg, ckpt.load_run_config(cfg.ckpt_dir, step), step)
 
 
 def _with_tokenizer_vocab(cfg: TrainConfig, tokenizer) -> TrainConfig:
@@ -262,6 +274,8 @@ def _initial_state(cfg, model, opt, mesh, rules, abstract, loader):
         return state, 0, {"rng": _key_to_json(rng)}
     step, state, meta, saved = found
     _check_compatible(cfg, saved, step)
+    for name in ckpt.set_aside_newer(cfg.ckpt_dir, step):
+        ckpt.warn(f"moved the invalid newer step aside to {cfg.ckpt_dir}/{name}")
     loader.set_state(meta["loader"])
     if jax.process_index() == 0:
         print(f"resumed from {cfg.ckpt_dir} step {step} (saved on mesh {saved['mesh']})")
@@ -312,24 +326,26 @@ def _evaluate(r: Run, params) -> float:
 
 def _loop(r: Run, mon: monitor.Monitor, checkpointer, stop: StopFlag) -> int:
     cfg, state, pending, step = r.cfg, r.state, None, r.start_step
+    any_process = AnyProcess()  # processes must all stop (and save) at the same step
     for step in range(r.start_step + 1, cfg.steps + 1):
         batch = device_batch(r.loader.next(), r.shardings, r.shapes)
         state, metrics = r.step_fn(state, batch)
+        stopping = any_process(stop.signal is not None)
         if pending is not None:
             mon.write(mon.fetch(*pending))
         pending = (step, metrics)
         evaluate = bool(r.eval_fn) and (step % cfg.eval_every == 0 or step == cfg.steps)
         save = checkpointer is not None and (
-            checkpointer.due(step) or step == cfg.steps or stop.signal
+            checkpointer.due(step) or step == cfg.steps or stopping
         )
-        if evaluate or save or stop.signal:
+        if evaluate or save or stopping:
             row, pending = mon.fetch(*pending), None  # finite, so safe to save
             if evaluate:
                 row["eval_loss"] = _evaluate(r, state.params)
             if save:
                 row["ckpt_blocked_s"] = _save(r, checkpointer, step, state)
             mon.write(row)
-        if stop.signal:
+        if stopping:
             break
     if pending is not None:
         mon.write(mon.fetch(*pending))

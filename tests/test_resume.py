@@ -1,0 +1,287 @@
+"""Runs that stop and come back: SIGKILL, crashes mid-save, corrupt steps, another mesh.
+
+Every run is a real `spmd train` subprocess. They share a JAX compilation cache, so only the
+first run of each program pays for compiling it.
+"""
+
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import run_spmd, spmd_env
+
+from spmd import checkpoint as ckpt
+
+pytestmark = pytest.mark.slow
+
+STEPS = 20
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    cache = tmp_path_factory.getbasetemp() / "jax-cache"
+    return {
+        "JAX_COMPILATION_CACHE_DIR": str(cache),
+        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+    }
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "docs.jsonl"
+    rng = np.random.default_rng(0)
+    words = ["def", "return", "self", "import", "class", "(x)", "+", "1", "for", "in", "\n"]
+    with open(path, "w") as f:
+        for i in range(300):
+            f.write(json.dumps({"text": f"# doc {i}\n" + " ".join(rng.choice(words, 120))}) + "\n")
+    return str(path)
+
+
+def base_args(data, *extra):
+    return [
+        "train",
+        "--devices",
+        "8",
+        "--set",
+        "n_layers=2,d_model=64",
+        "--batch",
+        "8",
+        "--seq",
+        "32",
+        "--lr",
+        "3e-3",
+        "--warmup",
+        "2",
+        "--data",
+        data,
+        "--no-progress",
+        *extra,
+    ]
+
+
+def rows_of(path) -> dict[int, dict]:
+    """step -> row (a line cut short by a kill is skipped)."""
+    out = {}
+    for line in Path(path).read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        out[row["step"]] = row
+    return out
+
+
+def train(env, *args, expect=0, timeout=600):
+    out = run_spmd(*args, env=env, timeout=timeout)
+    assert out.returncode == expect, out.stdout + out.stderr
+    assert "Traceback" not in out.stderr, out.stderr
+    return out
+
+
+def popen_train(env, *args):
+    return subprocess.Popen(
+        [sys.executable, "-m", "spmd.cli", *args],
+        env=spmd_env(env),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def wait_for_step(proc, metrics, step, timeout=600):
+    """Block until the run has logged `step` (no timing is asserted, this only waits)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if Path(metrics).is_file() and max(rows_of(metrics), default=0) >= step:
+            return
+        if proc.poll() is not None:
+            pytest.fail(f"run ended early: {proc.communicate()}")
+        time.sleep(0.1)
+    proc.kill()
+    pytest.fail(f"step {step} never logged")
+
+
+def assert_losses_match(a: dict, b: dict, steps, atol):
+    got = np.array([b[s]["loss"] for s in steps])
+    want = np.array([a[s]["loss"] for s in steps])
+    np.testing.assert_allclose(got, want, rtol=0, atol=atol)
+
+
+@pytest.fixture(scope="module")
+def run_a(tmp_path_factory, env, data):
+    """The reference: 20 uninterrupted steps on fsdp=8, a checkpoint every 5 (keeps 3)."""
+    root = tmp_path_factory.mktemp("a")
+    out = train(
+        env,
+        *base_args(
+            data,
+            "--mesh",
+            "fsdp=8",
+            "--steps",
+            str(STEPS),
+            "--ckpt-dir",
+            str(root / "ck"),
+            "--ckpt-every",
+            "5",
+            "--metrics-file",
+            str(root / "m.jsonl"),
+            "--eval-every",
+            "10",
+            "--plot",
+            str(root / "loss.png"),
+            "--tensorboard",
+            str(root / "tb"),
+        ),
+    )
+    return root, rows_of(root / "m.jsonl"), out
+
+
+def test_reference_run_logs_evals_plots_and_checkpoints(run_a):
+    root, rows, out = run_a
+    assert sorted(rows) == list(range(1, STEPS + 1))
+    assert {s for s, r in rows.items() if "eval_loss" in r} == {10, 20}
+    assert {s for s, r in rows.items() if "ckpt_blocked_s" in r} == {5, 10, 15, 20}
+    assert rows[STEPS]["loss"] < rows[1]["loss"]
+    assert (root / "loss.png").read_bytes()[:4] == b"\x89PNG"
+    assert list((root / "tb").glob("events.out.tfevents.*"))
+    assert ckpt.all_steps(root / "ck") == [10, 15, 20]  # --keep 3
+    assert "resume with: spmd train" in out.stdout and "--resume" in out.stdout
+
+
+def test_exact_resume_after_sigkill(run_a, tmp_path, env, data):
+    args = base_args(
+        data,
+        "--mesh",
+        "fsdp=8",
+        "--steps",
+        str(STEPS),
+        "--ckpt-dir",
+        str(tmp_path / "ck"),
+        "--ckpt-every",
+        "5",
+        "--metrics-file",
+        str(tmp_path / "m.jsonl"),
+    )
+    proc = popen_train(env, *args)
+    wait_for_step(proc, tmp_path / "m.jsonl", 12)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+    out = train(env, *args, "--resume")
+    assert "resumed from" in out.stdout
+    b = rows_of(tmp_path / "m.jsonl")
+    assert sorted(b) == list(range(1, STEPS + 1))
+    assert_losses_match(run_a[1], b, range(13, STEPS + 1), atol=1e-6)
+
+
+def test_crash_during_async_save_keeps_earlier_checkpoints(run_a, tmp_path, env, data):
+    args = base_args(
+        data,
+        "--mesh",
+        "fsdp=8",
+        "--schedule-steps",
+        str(STEPS),
+        "--ckpt-dir",
+        str(tmp_path / "ck"),
+        "--ckpt-every",
+        "1",
+        "--keep",
+        "100",
+        "--metrics-file",
+        str(tmp_path / "m.jsonl"),
+    )
+    proc = popen_train(env, *args, "--steps", str(STEPS))
+    # A save starts every step and the next waits for it, so one is nearly always in flight.
+    wait_for_step(proc, tmp_path / "m.jsonl", 6)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+    ck = str(tmp_path / "ck")
+    # Saves 1..5 had finished before step 6 was logged: every one must read back whole.
+    for step in range(1, 6):
+        assert ckpt.verify_step(ck, step) is None, step
+    latest = ckpt.latest_valid_step(ck)
+    assert latest >= 5 and ckpt.verify_step(ck, latest) is None
+    train(env, *args, "--steps", str(latest + 2), "--resume")
+    b = rows_of(tmp_path / "m.jsonl")
+    assert_losses_match(run_a[1], b, range(1, latest + 3), atol=1e-6)
+
+
+def test_truncated_and_empty_steps_fall_back(run_a, tmp_path, env, data):
+    ck = shutil.copytree(run_a[0] / "ck", tmp_path / "ck")
+    shutil.rmtree(ck / "20")
+    (ck / "17").mkdir()  # an empty step folder, as orbax would list it
+    files = [f for f in (ck / "15").rglob("*") if f.is_file() and "/d/" in str(f)]
+    victim = max(files, key=lambda f: f.stat().st_size)
+    victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
+    out = train(
+        env,
+        *base_args(
+            data,
+            "--mesh",
+            "fsdp=8",
+            "--steps",
+            str(STEPS),
+            "--ckpt-dir",
+            str(ck),
+            "--ckpt-every",
+            "5",
+            "--metrics-file",
+            str(tmp_path / "m.jsonl"),
+            "--resume",
+        ),
+    )
+    assert "step 17" in out.stderr and "empty" in out.stderr
+    assert "step 15" in out.stderr and "falling back to step 10" in out.stderr
+    assert "resumed from" in out.stdout and "step 10" in out.stdout
+    assert_losses_match(run_a[1], rows_of(tmp_path / "m.jsonl"), range(11, STEPS + 1), 1e-6)
+
+
+def test_resharded_resume_matches_the_uninterrupted_run(run_a, tmp_path, env, data):
+    """Step 10 written on fsdp=8 (run A's), resumed to 20 on data=2,tensor=4."""
+    ck = shutil.copytree(run_a[0] / "ck", tmp_path / "ck")
+    shutil.rmtree(ck / "15")
+    shutil.rmtree(ck / "20")
+    out = train(
+        env,
+        *base_args(
+            data,
+            "--mesh",
+            "data=2,tensor=4",
+            "--steps",
+            str(STEPS),
+            "--ckpt-dir",
+            str(ck),
+            "--ckpt-every",
+            "5",
+            "--metrics-file",
+            str(tmp_path / "m.jsonl"),
+            "--resume",
+        ),
+    )
+    assert "saved on mesh fsdp=8" in out.stdout
+    assert_losses_match(run_a[1], rows_of(tmp_path / "m.jsonl"), range(11, STEPS + 1), 2e-5)
+
+
+def test_resume_refuses_a_different_batch(run_a, env, data):
+    out = train(
+        env,
+        *base_args(
+            data,
+            "--mesh",
+            "fsdp=8",
+            "--steps",
+            str(STEPS),
+            "--batch",
+            "16",
+            "--ckpt-dir",
+            str(run_a[0] / "ck"),
+            "--resume",
+        ),
+        expect=2,
+    )
+    assert "batch=16" in out.stderr and len(out.stderr.strip().splitlines()) == 1
