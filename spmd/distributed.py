@@ -8,7 +8,7 @@ It connects this process to the others, found in this order:
 3. neither: a plain single-process run, and `initialize()` does nothing.
 
 After it, `jax.devices()` lists every process's devices, and one jitted program runs across
-all of them: each process feeds only its own rows (`process_rows`) and only the main process
+all of them: each process feeds only its own rows of a batch, and only the main process
 prints and writes files (`is_main_process`).
 """
 
@@ -180,25 +180,30 @@ def is_main_process() -> bool:
     return jax.process_index() == 0
 
 
-def process_rows(sharding: jax.sharding.Sharding, global_shape: tuple[int, ...]) -> slice:
-    """The rows (leading-axis slice) of a global batch that this process's devices hold.
+class AnyProcess:
+    """Whether a flag (say, "a signal arrived") is set in any process, agreed by all of them.
 
-    Feed exactly these rows to `jax.make_array_from_process_local_data`, so that every
-    process reads only its share and the global batch does not depend on the process count.
+    Each process sees a signal at its own moment. If each acted on its own flag, one would
+    stop to save while another went on to the next step, and both would wait forever on the
+    other's collectives. So the flags are combined on the devices, and every process reads
+    the result one call late: the same answer at the same step everywhere, without making
+    the host wait for the step in flight. In one process it is the flag itself.
     """
-    starts, stops = [], []
-    for index in sharding.addressable_devices_indices_map(global_shape).values():
-        rows = index[0] if index else slice(None)
-        start, stop, _ = rows.indices(global_shape[0])
-        starts.append(start)
-        stops.append(stop)
-    lo, hi = min(starts), max(stops)
-    covered = np.zeros(hi - lo, bool)
-    for start, stop in zip(starts, stops, strict=True):
-        covered[start - lo : stop - lo] = True
-    if not covered.all():  # a mesh whose batch axes interleave processes; no such default
-        raise SpmdError(
-            f"this process's devices hold non-contiguous batch rows within {lo}..{hi}; "
-            "order the mesh so each process holds one block of the batch"
-        )
-    return slice(lo, hi)
+
+    def __init__(self):
+        self._pending = None
+        if jax.process_count() == 1:
+            return
+        from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+        mesh = Mesh(np.array(jax.devices()), ("all",))
+        self._sharding = NamedSharding(mesh, PartitionSpec("all"))
+        self._max = jax.jit(lambda x: x.max(), out_shardings=NamedSharding(mesh, PartitionSpec()))
+
+    def __call__(self, flag: bool) -> bool:
+        if jax.process_count() == 1:
+            return flag
+        local = np.full(jax.local_device_count(), flag, np.int32)
+        votes = jax.make_array_from_process_local_data(self._sharding, local, (jax.device_count(),))
+        previous, self._pending = self._pending, self._max(votes)
+        return previous is not None and bool(jax.device_get(previous))

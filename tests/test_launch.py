@@ -5,6 +5,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -86,6 +87,7 @@ def _start_long_run(tmp_path):
         "--", "spmd", "train", "--model", "gpt-tiny", "--set", "n_layers=1",
         "--mesh", "fsdp=4", "--steps", "100000", "--batch", "4", "--seq", "16",
         "--data", str(data), "--no-progress", "--metrics-file", str(metrics),
+        "--ckpt-dir", str(tmp_path / "ckpt"), "--ckpt-every", "100000",
     ]  # fmt: skip
     launcher = subprocess.Popen(
         cmd, env=spmd_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
@@ -167,13 +169,101 @@ def test_killing_one_process_ends_the_run_quickly_and_leaves_none(long_run):
 
 
 @pytest.mark.slow
-def test_ctrl_c_is_forwarded_to_every_process(long_run):
+def test_ctrl_c_stops_every_process_at_the_same_step_and_saves(long_run, tmp_path):
+    from spmd.checkpoint import latest_valid_step
+
     launcher, kids = long_run
     launcher.send_signal(signal.SIGINT)
-    _, err = launcher.communicate(timeout=60)
-    assert launcher.returncode == 130
-    for rank in (0, 1):
-        assert f"[{rank}] spmd: interrupted" in err
-    assert "interrupted; ended every process" in err
+    out, err = launcher.communicate(timeout=60)
+    assert launcher.returncode == 0, err  # a clean stop, as `spmd train` alone gives
+    assert "interrupted; every process stopped cleanly" in err
+    stopped = [line for line in out.splitlines() if "stopped by SIGINT at step" in line]
+    assert len(stopped) == 1 and stopped[0].startswith("[0] "), out  # rank 0 reports
+    step = int(stopped[0].split("at step ")[1].split()[0])
+    # Both processes wrote their shards of that step; a lone writer would have hung.
+    assert latest_valid_step(str(tmp_path / "ckpt")) == step
     time.sleep(0.5)
     assert not [pid for pid in kids if _alive(pid)]
+
+
+# --- the supervisor alone, with small stand-in processes (no JAX, so fast) ------------------
+
+CHILD = """
+import os, signal, subprocess, sys, time
+rank, tmp = int(sys.argv[1]), sys.argv[2]
+def on_int(*_):
+    print("got SIGINT", flush=True)
+    sys.exit(0)
+signal.signal(signal.SIGINT, on_int)
+signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a process that ignores the polite request
+grandchild = subprocess.Popen(["sleep", "120"])
+open(f"{tmp}/{rank}.pid", "w").write(str(grandchild.pid))
+os.rename(f"{tmp}/{rank}.pid", f"{tmp}/{rank}.ready")
+if rank == int(os.environ.get("FAIL_RANK", "-1")):
+    while not all(os.path.exists(f"{tmp}/{r}.ready") for r in range(int(os.environ["N"]))):
+        time.sleep(0.05)  # fail once every process is up, as in a real run
+    print("failing on purpose", file=sys.stderr, flush=True)
+    sys.exit(3)
+time.sleep(120)
+"""
+
+
+def _stand_ins(tmp_path, n: int, fail_rank: int = -1) -> list[subprocess.Popen]:
+    env = {**os.environ, "FAIL_RANK": str(fail_rank), "N": str(n)}
+    return [
+        subprocess.Popen(
+            [sys.executable, "-c", CHILD, str(rank), str(tmp_path)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            process_group=0,
+        )  # fmt: skip
+        for rank in range(n)
+    ]
+
+
+def _grandchildren(tmp_path, n: int) -> list[int]:
+    deadline = time.monotonic() + 60
+    while not all((tmp_path / f"{r}.ready").exists() for r in range(n)):
+        assert time.monotonic() < deadline, "stand-in processes did not start"
+        time.sleep(0.05)
+    return [int((tmp_path / f"{r}.ready").read_text()) for r in range(n)]
+
+
+def test_supervisor_forwards_ctrl_c_to_every_process(tmp_path, capfd):
+    from spmd.commands.launch import Supervisor
+
+    procs = _stand_ins(tmp_path, 2)
+    gone: list[int] = []
+
+    def interrupt_when_ready():
+        gone.extend(_grandchildren(tmp_path, 2))
+        while signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            time.sleep(0.01)  # the supervisor's handler is not installed yet
+        os.kill(os.getpid(), signal.SIGINT)
+
+    threading.Thread(target=interrupt_when_ready, daemon=True).start()
+    assert Supervisor(procs).run() == 0  # every process stopped cleanly on the signal
+    out, err = capfd.readouterr()
+    assert sorted(out.splitlines()) == ["[0] got SIGINT", "[1] got SIGINT"], repr(out)
+    assert "interrupted; every process stopped cleanly" in err
+    assert all(p.poll() is not None for p in procs)
+    assert not [pid for pid in gone if _alive(pid)]  # their own children went too
+
+
+def test_supervisor_ends_the_rest_when_one_fails(tmp_path, capfd):
+    from spmd.commands.launch import STOP_GRACE_S, Supervisor
+
+    procs = _stand_ins(tmp_path, 3, fail_rank=1)
+    t0 = time.monotonic()
+    status = Supervisor(procs).run()
+    elapsed = time.monotonic() - t0
+    grandchildren = _grandchildren(tmp_path, 3)
+    assert status == 3
+    _, err = capfd.readouterr()
+    assert "[1] failing on purpose" in err
+    assert "spmd launch: rank 1 failed first (exit status 3); ending the other 2 processes" in err
+    # The others ignore SIGTERM, so they are killed once the grace period is over.
+    assert elapsed < STOP_GRACE_S + 20
+    assert all(p.poll() is not None for p in procs)
+    assert not [pid for pid in grandchildren if _alive(pid)]

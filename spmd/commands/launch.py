@@ -173,11 +173,16 @@ class Supervisor:
 
     def _wait_all(self) -> int:
         failed: tuple[int, int] | None = None
+        clean = True
         for _ in self.procs:
             rank, status = self._next_exit()
+            clean = clean and status == 0
             if status != 0 and failed is None and not self.interrupted:
                 failed = (rank, status)
                 self._stop_others(rank, status)
+        if self.interrupted and clean:  # `spmd train` saves and exits 0 on Ctrl-C; so do we
+            self._say("interrupted; every process stopped cleanly")
+            return 0
         if self.interrupted:
             self._say("interrupted; ended every process")
             return self.interrupted
@@ -221,20 +226,25 @@ class Supervisor:
     def _relay(self, rank: int, stream, sink) -> None:
         """Copy a process's output, with `[rank] ` at the start of every line.
 
-        Progress bars redraw with carriage returns, so those start a line too.
+        Only whole lines go out, so lines of different ranks never mix (an unbuffered print
+        writes its text and its newline separately). Progress bars redraw with carriage
+        returns, so those end a line too.
         """
         prefix = f"[{rank:>{self.width}}] ".encode()
-        at_line_start = True
-        out = sink.buffer
+        partial = b""
         for chunk in iter(lambda: os.read(stream.fileno(), 65536), b""):
-            pieces = []
-            for part in chunk.splitlines(keepends=True):
-                pieces.append(prefix + part if at_line_start else part)
-                at_line_start = part.endswith((b"\n", b"\r"))
-            with self.lock:
-                out.write(b"".join(pieces))
-                out.flush()
+            lines = (partial + chunk).splitlines(keepends=True)
+            # A trailing "\r" may be the first half of "\r\n": wait for what follows.
+            partial = lines.pop() if not lines[-1].endswith(b"\n") else b""
+            self._write(sink, b"".join(prefix + line for line in lines))
+        self._write(sink, prefix + partial + b"\n" if partial else b"")
         stream.close()
+
+    def _write(self, sink, data: bytes) -> None:
+        if data:
+            with self.lock:
+                sink.buffer.write(data)
+                sink.buffer.flush()
 
     def _say(self, msg: str) -> None:
         with self.lock:
