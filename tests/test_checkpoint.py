@@ -1,12 +1,15 @@
 """orbax checkpoints: round trips, resharded restores, and the corrupt-step fallbacks."""
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import chex
 import jax
 import numpy as np
 import pytest
+from conftest import spmd_env
 
 from spmd import checkpoint as ckpt
 from spmd import cli
@@ -168,3 +171,23 @@ def test_checkpoint_info_command(saved, tmp_path, capsys):
     assert all(r["bytes"] > 0 for r in info["steps"] if r["step"] != 9)
     assert cli.main(["checkpoint", "info", str(tmp_path / "none")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_ckpt_cost_experiment_runs_tiny(tmp_path):
+    (tmp_path / "d.txt").write_text("".join(f"line {i} of text\n" for i in range(3000)))
+    out = tmp_path / "r.json"
+    env = spmd_env({"JAX_COMPILATION_CACHE_DIR": str(tmp_path / "cache"),
+                    "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"})  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-m", "experiments.ckpt_cost", "--model", "gpt-tiny", "--set",
+         "n_layers=1,d_model=64", "--mesh", "fsdp=2", "--devices", "2", "--steps", "6",
+         "--every", "2", "--batch", "4", "--seq", "32", "--data", str(tmp_path / "d.txt"),
+         "--out", str(out)],
+        capture_output=True, text=True, env=env, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    results = {r["mode"]: r for r in json.loads(out.read_text())["results"]}
+    assert results["async"]["saves"] == results["sync"]["saves"] == 3
+    assert all(r["blocked_s"] > 0 and r["checkpoint_mb"] > 0 for r in results.values())
+    assert "an async save blocks the loop" in done.stdout
