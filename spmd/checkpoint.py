@@ -24,6 +24,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from spmd.distributed import is_main_process
 from spmd.errors import SpmdError
 
 ARRAY_ITEMS = ("params", "opt_state")
@@ -35,10 +36,6 @@ def _ocp():
     import orbax.checkpoint as ocp  # slow to import; only checkpointing code needs it
 
     return ocp
-
-
-def is_main_process() -> bool:
-    return jax.process_index() == 0
 
 
 def warn(msg: str) -> None:

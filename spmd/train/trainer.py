@@ -23,7 +23,7 @@ from spmd import params as P
 from spmd.data import corpus
 from spmd.data.loader import PackedLoader
 from spmd.data.tokenizer import load_tokenizer, tokenize_documents
-from spmd.distributed import AnyProcess
+from spmd.distributed import AnyProcess, is_main_process
 from spmd.errors import SpmdError
 from spmd.mesh import make_mesh
 from spmd.models import Model, get_model
@@ -141,7 +141,6 @@ class Run:
 def run(cfg: TrainConfig, rules: Rules | None = None, argv: list[str] | None = None) -> dict:
     """Train; returns the summary. `argv` (the CLI's) lets a stop say how to resume."""
     r = setup(cfg, rules)
-    is_main_process = jax.process_index() == 0
     tokens = r.cfg.batch * r.cfg.seq
     mon = monitor.Monitor(
         r.cfg,
@@ -149,7 +148,7 @@ def run(cfg: TrainConfig, rules: Rules | None = None, argv: list[str] | None = N
         tokens,
         tokens * monitor.flops_per_token(r.model, r.cfg.seq),
         monitor.peak_flops(),
-        enabled=is_main_process,
+        enabled=is_main_process(),
     )
     checkpointer = (
         ckpt.Checkpointer(r.cfg.ckpt_dir, r.cfg.ckpt_every, r.cfg.keep, r.cfg.async_ckpt)
@@ -168,7 +167,7 @@ def run(cfg: TrainConfig, rules: Rules | None = None, argv: list[str] | None = N
     if r.cfg.plot:
         mon.plot(r.cfg.plot)
     summary = _summary(r, mon.rows, last_step, stop.signal)
-    if is_main_process:
+    if is_main_process():
         monitor.report(r.cfg, summary, argv)
     return summary
 
@@ -194,13 +193,10 @@ def setup(cfg: TrainConfig, rules: Rules | None = None) -> Run:
     compiled = step_fn.lower(abstract, _abstract_batch(shapes, shardings)).compile()
     compile_s = time.perf_counter() - t0
     state, start_step, meta = _initial_state(cfg, model, opt, mesh, rules, abstract, loader)
-    if jax.process_index() == 0:
-        print(
-            f"model {model.name}: {P.count(model.specs()):,} parameters | mesh {cfg.mesh} on "
-            f"{mesh.devices.size} devices | batch {cfg.batch}x{cfg.seq} | compiled in "
-            f"{compile_s:.1f}s",
-            flush=True,
-        )
+    _log(
+        f"model {model.name}: {P.count(model.specs()):,} parameters | mesh {cfg.mesh} on "
+        f"{mesh.devices.size} devices | batch {cfg.batch}x{cfg.seq} | compiled in {compile_s:.1f}s"
+    )
     eval_fn = _eval_fn(model, mesh, rules, shardings) if val_loader else None
     return Run(
         cfg,
@@ -277,8 +273,7 @@ def _initial_state(cfg, model, opt, mesh, rules, abstract, loader):
     for name in ckpt.set_aside_newer(cfg.ckpt_dir, step):
         ckpt.warn(f"moved the invalid newer step aside to {cfg.ckpt_dir}/{name}")
     loader.set_state(meta["loader"])
-    if jax.process_index() == 0:
-        print(f"resumed from {cfg.ckpt_dir} step {step} (saved on mesh {saved['mesh']})")
+    _log(f"resumed from {cfg.ckpt_dir} step {step} (saved on mesh {saved['mesh']})")
     return state, step, meta
 
 
@@ -374,3 +369,8 @@ def _summary(r: Run, rows: list[dict], last_step: int, signum: int | None) -> di
         "compile_s": r.compile_s,
         "stopped_by": signal.Signals(signum).name if signum else None,
     }
+
+
+def _log(msg: str) -> None:
+    if is_main_process():
+        print(msg, flush=True)
