@@ -2,17 +2,30 @@
 batched against alone, sampling rules, stops, and the bad input the Generator refuses."""
 
 import dataclasses
+import json
 
 import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import run_spmd
 
 import spmd
+from spmd import checkpoint
 from spmd import params as P
+from spmd.cli import main
+from spmd.data.tokenizer import ByteTokenizer
 from spmd.errors import SpmdError
-from spmd.inference import Generator, SamplingConfig, decode_step, init_cache, prefill, sample
+from spmd.inference import (
+    Generator,
+    SamplingConfig,
+    decode_step,
+    init_cache,
+    prefill,
+    sample,
+    unstack_layers,
+)
 from spmd.models import get_model, gpt
 
 PROMPTS = [[5, 17, 99, 3, 42, 42, 7], [200], [1, 2, 3, 4]]
@@ -54,12 +67,13 @@ def test_cached_logits_match_full_forward_at_every_position(model, params):
     prompt = np.stack([seqs[0, :3], np.r_[0, 0, seqs[1, 0]]]).astype(np.int32)
     fill = jax.jit(lambda p, c, x, pad: prefill(p, c, x, pad, cfg), donate_argnums=1)
     step = jax.jit(lambda p, c, x, s, pad: decode_step(p, c, x, s, pad, cfg), donate_argnums=1)
-    logits, cache = fill(params, init_cache(cfg, 2, 12), prompt, pad)
+    layers = unstack_layers(params)
+    logits, cache = fill(layers, init_cache(cfg, 2, 12), prompt, pad)
     chex.assert_trees_all_close(logits[0], full[0][2], atol=1e-5, rtol=1e-5)
     chex.assert_trees_all_close(logits[1], full[1][0], atol=1e-5, rtol=1e-5)
     for i in range(9):  # slot t+i holds row 0's position 3+i and row 1's position 1+i
         tokens = np.array([seqs[0, 3 + i] if i < 7 else 0, seqs[1, 1 + i]], np.int32)
-        logits, cache = step(params, cache, tokens, t + i, pad)
+        logits, cache = step(layers, cache, tokens, t + i, pad)
         if i < 7:
             chex.assert_trees_all_close(logits[0], full[0][3 + i], atol=1e-5, rtol=1e-5)
         chex.assert_trees_all_close(logits[1], full[1][1 + i], atol=1e-5, rtol=1e-5)
@@ -166,3 +180,76 @@ def test_new_tokens_stop_at_the_models_context(model, one_device):
     assert gen.shapes([60, 3]) == (2, 64, 5)  # 60 + 5 - 1 = 64 positions, the last fed back
     assert gen.shapes([64]) == (1, 64, 1)
     assert gen.shapes([3]) == (1, 16, 50)
+
+
+# ----------------------------------------------------------------------------- the CLI
+
+TEXT = "def add(a, b):\n    return a + b\n\n\nclass Point:\n    x: int = 0\n" * 40
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    """A 2-step gpt-tiny checkpoint (max_seq_len 64), trained once for the CLI tests."""
+    root = tmp_path_factory.mktemp("gen")
+    (root / "code.py").write_text(TEXT)
+    out = run_spmd(
+        "train", "--model", "gpt-tiny", "--set", "n_layers=2,max_seq_len=64", "--devices", "1",
+        "--mesh", "data=1", "--steps", "2", "--batch", "2", "--seq", "16", "--no-progress",
+        "--data", str(root / "code.py"), "--ckpt-dir", str(root / "ckpt"), "--ckpt-every", "2",
+        "--sync-ckpt",
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    return str(root / "ckpt")
+
+
+def _generate_json(*args):
+    out = run_spmd("generate", *args, "--json")
+    assert out.returncode == 0, out.stderr
+    return [json.loads(line) for line in out.stdout.splitlines()]
+
+
+@pytest.mark.slow
+def test_cli_generates_from_a_checkpoint_on_a_mesh(ckpt, one_device, capsys):
+    """Greedy `spmd generate --json` on data=2,tensor=2 equals the in-process one-device run."""
+    flags = ["--ckpt-dir", ckpt, "--temperature", "0", "--max-new-tokens", "10"]
+    rows = _generate_json(*flags, "--prompt", "def ", "--prompt", "class P", "--devices", "4",
+                          "--mesh", "data=2,tensor=2")  # fmt: skip
+    model = get_model("gpt-tiny", {"n_layers": 2, "max_seq_len": 64})
+    tok = ByteTokenizer()
+    sc = SamplingConfig(max_new_tokens=10, eos_id=tok.eos_id, vocab_limit=tok.eos_id + 1)
+    gen = Generator(model, one_device, sc)
+    params = checkpoint.restore_params(ckpt, model, one_device)
+    expected = gen.generate(params, [list(tok.encode("def ")), list(tok.encode("class P"))])
+    assert [r["prompt"] for r in rows] == ["def ", "class P"]
+    assert [r["ids"] for r in rows] == expected.ids
+    assert [r["completion"] for r in rows] == [tok.decode(ids) for ids in expected.ids]
+    assert rows[0]["prompt_ids"] == tok.encode("def ").tolist()
+    assert {"compile_s", "prefill_s", "decode_s", "tokens_per_s"} <= rows[0]["timings"].keys()
+
+    # One prompt streams (here in-process, on one device): the prompt, then the same text.
+    assert main(["generate", *flags, "--prompt", "def "]) == 0
+    assert capsys.readouterr().out == "def " + rows[0]["completion"] + "\n"
+
+
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["--prompt", ""], "prompt 0 is empty"),
+        (["--prompt", "x" * 65], "65 tokens, longer than the model's max_seq_len=64"),
+        (["--prompt", "x", "--top-p", "0"], "--top-p=0.0 must be in (0, 1]"),
+        (["--prompt", "x", "--top-p", "1.5"], "--top-p=1.5 must be in (0, 1]"),
+        (["--prompt", "x", "--step", "7"], "step 7 is not valid"),
+    ],
+)
+def test_cli_bad_input_is_one_line_and_status_2(ckpt, capsys, args, words):
+    assert main(["generate", "--ckpt-dir", ckpt, *args]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and words in err, err
+
+
+def test_cli_missing_checkpoint_is_one_line_and_status_2(tmp_path):
+    out = run_spmd("generate", "--ckpt-dir", str(tmp_path / "nope"), "--prompt", "def ")
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines() == [
+        f"spmd: error: checkpoint directory {tmp_path / 'nope'} does not exist"
+    ]

@@ -59,8 +59,10 @@ def run(args) -> int:
     if any(not s for s in args.stop):
         raise SpmdError("--stop must not be empty")
     t0 = time.perf_counter()
-    generator, params, tokenizer = load(args, sampling)
+    generator, tokenizer = build(args, sampling)
     ids = [[int(i) for i in tokenizer.encode(p)] for p in prompts]
+    generator.check(ids)  # before the weights are read
+    params = load_params(args, generator)
     load_s = time.perf_counter() - t0
     stream = None if args.json or len(prompts) > 1 else _TextStream(tokenizer, prompts[0])
     result = generator.generate(params, ids, stream=stream, chunk=8 if stream else None)
@@ -71,8 +73,8 @@ def run(args) -> int:
     return 0
 
 
-def load(args, sampling):
-    """(Generator, params, tokenizer) from the checkpoint's run config and weights."""
+def build(args, sampling):
+    """(Generator, tokenizer) from the checkpoint's run config."""
     import jax
 
     from spmd import checkpoint
@@ -94,9 +96,17 @@ def load(args, sampling):
         vocab_limit=tokenizer.eos_id + 1 if isinstance(tokenizer, ByteTokenizer) else None,
     )
     mesh = make_mesh(args.mesh) if args.mesh else make_mesh("data=1", jax.devices()[:1])
-    generator = Generator(model, mesh, sampling)
-    params = checkpoint.restore_params(args.ckpt_dir, model, mesh, generator.rules, args.step)
-    return generator, params, tokenizer
+    return Generator(model, mesh, sampling), tokenizer
+
+
+def load_params(args, generator):
+    """The checkpoint's weights, read straight onto the mesh, as per-layer decode weights."""
+    from spmd import checkpoint
+
+    model, mesh, rules = generator.model, generator.mesh, generator.rules
+    return generator.prepare(
+        checkpoint.restore_params(args.ckpt_dir, model, mesh, rules, args.step)
+    )
 
 
 class _TextStream:
@@ -133,7 +143,9 @@ def _print_all(as_json: bool, prompts, prompt_ids, result, tokenizer, load_s: fl
         "new_tokens": new,
         "tokens_per_s": round(new / max(result.prefill_s + result.decode_s, 1e-9), 2),
     }
-    for prompt, pids, ids, finish in zip(prompts, prompt_ids, result.ids, result.finish):
+    for prompt, pids, ids, finish in zip(
+        prompts, prompt_ids, result.ids, result.finish, strict=True
+    ):
         completion = tokenizer.decode(ids)
         if as_json:
             row = {

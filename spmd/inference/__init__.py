@@ -6,7 +6,14 @@ loop.py       `start` (prefill + first id) and `advance` (the while_loop)
 generator.py  `Generator`: batching, per-shape compiles, donation, streaming, timings
 """
 
-from spmd.inference.decode import CACHE_AXES, KVCache, decode_step, init_cache, prefill
+from spmd.inference.decode import (
+    CACHE_AXES,
+    KVCache,
+    decode_step,
+    init_cache,
+    prefill,
+    unstack_layers,
+)
 from spmd.inference.generator import Generation, Generator
 from spmd.inference.loop import DecodeState, advance, start
 from spmd.inference.sampling import SamplingConfig, sample
@@ -24,4 +31,5 @@ __all__ = [
     "prefill",
     "sample",
     "start",
+    "unstack_layers",
 ]

@@ -12,7 +12,7 @@ import numpy as np
 
 from spmd import params as P
 from spmd.errors import SpmdError
-from spmd.inference.decode import CACHE_AXES, KVCache, decode_rules, init_cache
+from spmd.inference.decode import CACHE_AXES, KVCache, decode_rules, init_cache, unstack_layers
 from spmd.inference.loop import DecodeState, advance, start
 from spmd.inference.sampling import SamplingConfig
 from spmd.models import gpt
@@ -43,8 +43,20 @@ class Generator:
             raise SpmdError(f"generation supports the gpt models, not {model.name!r}")
         self.model, self.cfg, self.mesh, self.sc = model, model.cfg, mesh, sampling
         self.rules, self.bucket = decode_rules(rules), bucket
-        self.param_shardings = P.shardings(model.specs(), mesh, self.rules)
+        self.param_shardings = unstacked_shardings(model.specs(), mesh, self.rules)
         self._compiled: dict[tuple[int, int, int], tuple] = {}
+        self._prepare = jax.jit(unstack_layers, out_shardings=self.param_shardings)
+
+    def prepare(self, params):
+        """Training's parameters (on any mesh) as this generator's per-layer weights.
+
+        `generate` does this itself when handed stacked parameters; call it once to reuse the
+        result across generations (the stacked parameters can then be dropped).
+        """
+        if isinstance(params["layers"], tuple):
+            return jax.device_put(params, self.param_shardings)
+        stacked = P.shardings(self.model.specs(), self.mesh, self.rules)
+        return self._prepare(jax.device_put(params, stacked))
 
     def shapes(self, lengths: list[int]) -> tuple[int, int, int]:
         """(batch, padded prompt length T, new ids n) for prompts of these lengths.
@@ -85,7 +97,11 @@ class Generator:
                 abstract,
                 cache_sh,
             )
-            params = P.abstract_sharded(self.model.specs(), self.mesh, self.rules)
+            params = jax.tree.map(
+                lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
+                jax.eval_shape(unstack_layers, P.abstract(self.model.specs())),
+                self.param_shardings,
+            )
             key = jax.eval_shape(lambda: jax.random.key(0))
             rows, tokens = (jax.ShapeDtypeStruct(s, np.int32) for s in ((b,), (b, t)))
             begin_c = begin.lower(params, cache, tokens, rows, key).compile()
@@ -155,7 +171,7 @@ class Generator:
         tokens, pad = _left_pad(prompts, b, t)
         fresh = (b, t, n) not in self._compiled
         init, begin, step, compile_s = self.compiled(b, t, n)
-        params = jax.device_put(params, self.param_shardings)
+        params = self.prepare(params)
         clock = _Clock(compile=compile_s if fresh else 0.0)
         with clock("prefill"):
             cache = jax.block_until_ready(init())
@@ -187,6 +203,17 @@ class Generator:
         return Generation(
             ids, finish, int(state.step), clock["prefill"], clock["decode"], clock["compile"]
         )
+
+
+def unstacked_shardings(specs, mesh, rules):
+    """Shardings of `unstack_layers`' output: each layer's weights lose the `layers` axis."""
+
+    def one_layer(s: P.ParamSpec):
+        return named_sharding(s.axes[1:], mesh, rules, s.shape[1:])
+
+    n = jax.tree.leaves(specs["layers"], is_leaf=P.is_spec)[0].shape[0]
+    layer = jax.tree.map(one_layer, specs["layers"], is_leaf=P.is_spec)
+    return {**P.shardings(specs, mesh, rules), "layers": (layer,) * n}
 
 
 def _left_pad(prompts, b: int, t: int):
