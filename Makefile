@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-fast lint train seed compile-time clean bench-ckpt
+.PHONY: install test test-fast lint train seed compile-time clean bench-ckpt generate bench-inference
 
 install: $(STAMP)
 
@@ -44,3 +44,11 @@ clean:
 # What an async checkpoint save blocks the loop for, against a sync one (gpt-small, 8 CPU devices).
 bench-ckpt: $(STAMP)
 	$(PY) -m experiments.ckpt_cost
+
+# Complete "def " with the checkpoint `make train` writes (sampled; --temperature 0 is greedy).
+generate: $(STAMP)
+	$(VENV)/bin/spmd generate --ckpt-dir runs/train/ckpt --prompt "def "
+
+# Prefill and decode tokens/s and achieved memory bandwidth, gpt-small, batches 1, 8 and 32.
+bench-inference: $(STAMP)
+	$(PY) -m experiments.inference --model gpt-small --batches 1,8,32
