@@ -94,7 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     results = run(a.model, a.mesh, a.steps, a.every, a.batch, a.seq, overrides, a.data)
     print(report(results))
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps({"config": vars(a), "results": results}, indent=1) + "\n")
+    config = {k: v for k, v in vars(a).items() if k != "out"}
+    Path(a.out).write_text(json.dumps({"config": config, "results": results}, indent=1) + "\n")
     return 0
 
 
