@@ -59,10 +59,12 @@ def main(argv: list[str] | None = None) -> int:
             from spmd.mesh import simulate_cpu_devices
 
             simulate_cpu_devices(args.devices)
-        if getattr(modules[args.command], "RUNS_JAX", True):
-            from spmd.distributed import initialize
+        from spmd import distributed
 
-            initialize()  # joins a multi-process job if there is one; else does nothing
+        if getattr(modules[args.command], "RUNS_JAX", True):
+            distributed.initialize()  # joins a multi-process job if there is one; else no-op
+        elif distributed.job_rank() != 0:
+            return 0  # a command that does not join the job runs once, on rank 0
         return modules[args.command].run(args)
     except SpmdError as e:
         msg = str(e)

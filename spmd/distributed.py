@@ -100,7 +100,13 @@ def bind_address(group: ProcessGroup, env: Mapping[str, str] = os.environ) -> st
 
 
 def detected_cluster() -> str | None:
-    """The name of a multi-process cluster that JAX would join by itself, if any.
+    """The name of a multi-process cluster that JAX would join by itself, if any."""
+    cluster = _cluster_env()
+    return cluster.__name__ if cluster else None
+
+
+def _cluster_env():
+    """JAX's description of the multi-process cluster around this process, or None.
 
     A cluster of one process (an interactive Slurm shell, a single TPU VM) is a plain run:
     joining it would only pin the process to one local device.
@@ -112,8 +118,20 @@ def detected_cluster() -> str | None:
     for env in ClusterEnv._cluster_types:
         if env.opt_in_only_method or not env.is_env_present():
             continue
-        return env.__name__ if env.get_process_count() > 1 else None
+        return env if env.get_process_count() > 1 else None
     return None
+
+
+def job_rank() -> int:
+    """This process's rank in its job, read without joining it: 0 outside any job.
+
+    Commands that never join the job (`explain`, `plan`) run on rank 0 only.
+    """
+    group = group_from_env()
+    if group is not None:
+        return group.process_id
+    cluster = _cluster_env()
+    return cluster.get_process_id() if cluster else 0
 
 
 def initialize() -> bool:

@@ -188,3 +188,15 @@ def test_checkpoints_resume_with_another_process_count(pair):
     assert "[0] resumed from" in out.stdout
     assert [r["step"] for r in one_then_two] == [7, 8]
     _close(_losses(one_then_two, [7, 8]), _losses(one, [7, 8]))
+
+
+def test_job_rank_is_read_without_joining(monkeypatch):
+    for name in ENV:
+        monkeypatch.delenv(name, raising=False)
+    if D.detected_cluster():
+        pytest.skip("running inside a multi-process cluster job")
+    assert D.job_rank() == 0
+    for name, value in zip(ENV, ["127.0.0.1:1234", "4", "3"], strict=True):
+        monkeypatch.setenv(name, value)
+    assert D.job_rank() == 3
+    assert not jax.distributed.is_initialized()

@@ -267,3 +267,33 @@ def test_supervisor_ends_the_rest_when_one_fails(tmp_path, capfd):
     assert elapsed < STOP_GRACE_S + 20
     assert all(p.poll() is not None for p in procs)
     assert not [pid for pid in grandchildren if _alive(pid)]
+
+
+# --- commands that never join the job run once, on rank 0 ----------------------------------
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["explain", "--model", "gpt-tiny", "--mesh", "fsdp=8", "--devices", "8"],
+        ["plan", "--model", "gpt-tiny", "--devices", "8"],
+    ],
+)
+def test_explain_and_plan_do_nothing_on_other_ranks(argv, monkeypatch, capsys):
+    for name, value in [("SPMD_COORDINATOR", "127.0.0.1:1"), ("SPMD_NUM_PROCESSES", "2")]:
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("SPMD_PROCESS_ID", "1")
+    assert main(argv) == 0
+    assert capsys.readouterr() == ("", "")
+
+
+@pytest.mark.slow
+def test_launched_explain_reports_from_rank_0_only():
+    out = run_spmd(
+        "launch", "-n", "2", "--", "spmd", "explain", "--model", "gpt-tiny",
+        "--set", "n_layers=1", "--mesh", "fsdp=2", "--devices", "2", timeout=300,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert any("all-gather" in line for line in lines)
+    assert all(line.startswith("[0] ") for line in lines), out.stdout

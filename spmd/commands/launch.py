@@ -70,11 +70,12 @@ def child_command(argv: list[str]) -> list[str]:
             f"spmd launch: {argv[0]!r} is not an spmd command; "
             "it runs spmd commands only, e.g. -- spmd train"
         )
-    parser, _ = build_parser()
+    parser, modules = build_parser()
     child = parser.parse_args(argv[1:])  # a usage error ends here, before any process starts
     if child.command == "launch":
         raise SpmdError("spmd launch: the command cannot itself be spmd launch")
-    if getattr(child, "devices", None):
+    joins_job = getattr(modules[child.command], "RUNS_JAX", True)
+    if joins_job and getattr(child, "devices", None):
         raise SpmdError(
             "spmd launch: give the device count as --devices-per-process, not as --devices "
             "in the command"
