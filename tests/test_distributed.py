@@ -113,6 +113,48 @@ def test_launched_coordinator_listens_on_loopback_only():
     assert all(_is_loopback(a) for a in seen), seen
 
 
+VOTER = """
+import json, sys
+import jax
+from spmd import distributed as D
+joined = [D.initialize(), D.initialize()]  # the second call is a no-op
+rank = int(sys.argv[1])
+any_process = D.AnyProcess()
+votes = [any_process(rank == 1 and call == 2) for call in range(5)]
+print(json.dumps({"joined": joined, "votes": votes, "processes": jax.process_count()}))
+"""
+
+
+def test_processes_agree_on_a_flag_one_call_late():
+    """Only rank 1 raises the flag, on call 2; both processes see it on call 3."""
+    from spmd.commands.launch import child_env, coordinator_port
+
+    port = coordinator_port(None)
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", VOTER, str(rank)],
+            env=spmd_env(child_env(rank, 2, 2, port)),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        for rank in range(2)
+    ]
+    try:
+        outs = [p.communicate(timeout=120) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    for p, (out, err) in zip(procs, outs, strict=True):
+        assert p.returncode == 0, err
+        result = json.loads(out.strip().splitlines()[-1])
+        assert result == {
+            "joined": [True, True],
+            "votes": [False, False, False, True, False],
+            "processes": 2,
+        }
+
+
 # --- real runs: 2 processes x 4 devices against 1 process x 8 devices ----------------------
 
 TRAIN = [
