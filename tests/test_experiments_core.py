@@ -11,8 +11,9 @@ def test_seed_mirrored_matches_one_device_at_float32_rounding():
 
 
 def test_compile_time_experiment_runs(capsys):
-    rows = compile_time.main(["--model", "gpt-tiny", "--layers", "1", "2", "--no-unrolled",
-                              "--mesh", "fsdp=8"])
+    rows = compile_time.main(
+        ["--model", "gpt-tiny", "--layers", "1", "2", "--no-unrolled", "--mesh", "fsdp=8"]
+    )
     assert [r["layers"] for r in rows] == [1, 2]
     assert all(r["scan_s"] > 0 for r in rows)
     assert "compile seconds" in capsys.readouterr().out
