@@ -174,10 +174,11 @@ def test_checkpoint_info_command(saved, tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_ckpt_cost_experiment_runs_tiny(tmp_path):
+def test_ckpt_cost_experiment_runs_tiny(tmp_path_factory, tmp_path):
     (tmp_path / "d.txt").write_text("".join(f"line {i} of text\n" for i in range(3000)))
     out = tmp_path / "r.json"
-    env = spmd_env({"JAX_COMPILATION_CACHE_DIR": str(tmp_path / "cache"),
+    cache = tmp_path_factory.getbasetemp() / "jax-cache"  # shared with test_cli_smoke
+    env = spmd_env({"JAX_COMPILATION_CACHE_DIR": str(cache),
                     "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"})  # fmt: skip
     done = subprocess.run(
         [sys.executable, "-m", "experiments.ckpt_cost", "--model", "gpt-tiny", "--set",
