@@ -26,9 +26,7 @@ from spmd.train.trainer import device_batch, process_rows
 def _jsonl(path, n=60):
     with open(path, "w") as f:
         for i in range(n):
-            f.write(
-                json.dumps({"text": f"doc {i}: " + f"def f(x): return x * {i}\n" * 20}) + "\n"
-            )
+            f.write(json.dumps({"text": f"doc {i}: " + f"def f(x): return x * {i}\n" * 20}) + "\n")
     return str(path)
 
 

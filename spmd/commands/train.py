@@ -16,7 +16,9 @@ def add_parser(sub) -> None:
         default="",
         help="override model fields, e.g. d_model=256,n_layers=2",
     )
-    p.add_argument("--mesh", default="data=-1", help="e.g. fsdp=4,tensor=2 (default: data=-1)")
+    p.add_argument(
+        "--mesh", default="data=-1", help="e.g. fsdp=4,tensor=2, or auto (the planner's pick)"
+    )
     p.add_argument(
         "--devices", type=positive_int, help="simulate N CPU devices (must come before JAX starts)"
     )
@@ -35,9 +37,7 @@ def add_parser(sub) -> None:
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data", help="a text file, folder, glob or .jsonl (default: Python stdlib)")
-    p.add_argument(
-        "--tokenizer", help="BPE tokenizer JSON (default: bytes)"
-    )
+    p.add_argument("--tokenizer", help="BPE tokenizer JSON (default: bytes)")
     p.add_argument("--metrics-file", help="write one JSON object per step here")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--eval-every", type=positive_int, help="eval loss on the validation split")
@@ -47,9 +47,7 @@ def add_parser(sub) -> None:
     p.add_argument("--ckpt-dir", help="save sharded checkpoints here (asynchronously)")
     p.add_argument("--ckpt-every", type=positive_int, default=100, help="steps between saves")
     p.add_argument("--keep", type=positive_int, default=3, help="checkpoints to keep")
-    p.add_argument(
-        "--resume", action="store_true", help="continue from the newest valid ckpt"
-    )
+    p.add_argument("--resume", action="store_true", help="continue from the newest valid ckpt")
     p.add_argument("--sync-ckpt", action="store_true", help="block on every save (for comparison)")
 
 
@@ -57,10 +55,18 @@ def run(args) -> int:
     from spmd.models import parse_overrides
     from spmd.train.trainer import TrainConfig, run
 
+    mesh = args.mesh
+    if mesh == "auto":  # the planner picks the layout for the devices JAX sees
+        from spmd.compiler.planner import plan_mesh_for_train
+
+        mesh = plan_mesh_for_train(
+            args.model, parse_overrides(args.overrides), args.batch, args.seq, args.remat,
+            args.grad_accum, args.dtype,
+        )  # fmt: skip
     cfg = TrainConfig(
         model=args.model,
         overrides=tuple(parse_overrides(args.overrides).items()),
-        mesh=args.mesh,
+        mesh=mesh,
         steps=args.steps,
         batch=args.batch,
         seq=args.seq,
