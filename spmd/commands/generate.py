@@ -68,6 +68,9 @@ def run(args) -> int:
     result = generator.generate(params, ids, stream=stream, chunk=8 if stream else None)
     if stream:
         stream.close()
+        new, secs = len(result.ids[0]), result.prefill_s + result.decode_s
+        print(f"spmd: {new} tokens in {secs:.2f}s ({new / max(secs, 1e-9):.1f} tokens/s; "
+              f"compile {result.compile_s:.1f}s, load {load_s:.1f}s)", file=sys.stderr)  # fmt: skip
     if args.json or len(prompts) > 1:
         _print_all(args.json, prompts, ids, result, tokenizer, load_s)
     return 0
