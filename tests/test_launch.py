@@ -137,6 +137,14 @@ def _alive(pid: int) -> bool:
         return False
 
 
+def _still_alive(pids: list[int], timeout: float = 10) -> list[int]:
+    """The pids still running after `timeout` (a SIGKILL takes a moment to land)."""
+    deadline = time.monotonic() + timeout
+    while (alive := [pid for pid in pids if _alive(pid)]) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return alive
+
+
 @pytest.fixture
 def long_run(tmp_path):
     launcher, metrics = _start_long_run(tmp_path)
@@ -164,8 +172,7 @@ def test_killing_one_process_ends_the_run_quickly_and_leaves_none(long_run):
     assert time.monotonic() - killed_at < 30
     assert launcher.returncode == 128 + signal.SIGKILL
     assert "rank 1 failed first (killed by SIGKILL)" in err
-    time.sleep(0.5)
-    assert not [pid for pid in kids if _alive(pid)]
+    assert not _still_alive(kids)
 
 
 @pytest.mark.slow
@@ -182,8 +189,7 @@ def test_ctrl_c_stops_every_process_at_the_same_step_and_saves(long_run, tmp_pat
     step = int(stopped[0].split("at step ")[1].split()[0])
     # Both processes wrote their shards of that step; a lone writer would have hung.
     assert latest_valid_step(str(tmp_path / "ckpt")) == step
-    time.sleep(0.5)
-    assert not [pid for pid in kids if _alive(pid)]
+    assert not _still_alive(kids)
 
 
 # --- the supervisor alone, with small stand-in processes (no JAX, so fast) ------------------
@@ -191,15 +197,16 @@ def test_ctrl_c_stops_every_process_at_the_same_step_and_saves(long_run, tmp_pat
 CHILD = """
 import os, signal, subprocess, sys, time
 rank, tmp = int(sys.argv[1]), sys.argv[2]
-def on_int(*_):
-    print("got SIGINT", flush=True)
+def on_signal(signum, frame):
+    print("got", signal.Signals(signum).name, flush=True)
     sys.exit(0)
-signal.signal(signal.SIGINT, on_int)
-signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a process that ignores the polite request
+signal.signal(signal.SIGINT, on_signal)
+failing = int(os.environ["FAIL_RANK"]) >= 0  # then the others ignore the polite SIGTERM
+signal.signal(signal.SIGTERM, signal.SIG_IGN if failing else on_signal)
 grandchild = subprocess.Popen(["sleep", "120"])
 open(f"{tmp}/{rank}.pid", "w").write(str(grandchild.pid))
 os.rename(f"{tmp}/{rank}.pid", f"{tmp}/{rank}.ready")
-if rank == int(os.environ.get("FAIL_RANK", "-1")):
+if rank == int(os.environ["FAIL_RANK"]):
     while not all(os.path.exists(f"{tmp}/{r}.ready") for r in range(int(os.environ["N"]))):
         time.sleep(0.05)  # fail once every process is up, as in a real run
     print("failing on purpose", file=sys.stderr, flush=True)
@@ -230,7 +237,8 @@ def _grandchildren(tmp_path, n: int) -> list[int]:
     return [int((tmp_path / f"{r}.ready").read_text()) for r in range(n)]
 
 
-def test_supervisor_forwards_ctrl_c_to_every_process(tmp_path, capfd):
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_supervisor_forwards_ctrl_c_and_sigterm_to_every_process(signum, tmp_path, capfd):
     from spmd.commands.launch import Supervisor
 
     procs = _stand_ins(tmp_path, 2)
@@ -238,17 +246,18 @@ def test_supervisor_forwards_ctrl_c_to_every_process(tmp_path, capfd):
 
     def interrupt_when_ready():
         gone.extend(_grandchildren(tmp_path, 2))
-        while signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        while signal.getsignal(signum) in (signal.default_int_handler, signal.SIG_DFL):
             time.sleep(0.01)  # the supervisor's handler is not installed yet
-        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signum)
 
     threading.Thread(target=interrupt_when_ready, daemon=True).start()
     assert Supervisor(procs).run() == 0  # every process stopped cleanly on the signal
     out, err = capfd.readouterr()
-    assert sorted(out.splitlines()) == ["[0] got SIGINT", "[1] got SIGINT"], repr(out)
+    name = signal.Signals(signum).name
+    assert sorted(out.splitlines()) == [f"[0] got {name}", f"[1] got {name}"], repr(out)
     assert "interrupted; every process stopped cleanly" in err
     assert all(p.poll() is not None for p in procs)
-    assert not [pid for pid in gone if _alive(pid)]  # their own children went too
+    assert not _still_alive(gone)  # their own children went too
 
 
 def test_supervisor_ends_the_rest_when_one_fails(tmp_path, capfd):
@@ -266,7 +275,7 @@ def test_supervisor_ends_the_rest_when_one_fails(tmp_path, capfd):
     # The others ignore SIGTERM, so they are killed once the grace period is over.
     assert elapsed < STOP_GRACE_S + 20
     assert all(p.poll() is not None for p in procs)
-    assert not [pid for pid in grandchildren if _alive(pid)]
+    assert not _still_alive(grandchildren)
 
 
 # --- commands that never join the job run once, on rank 0 ----------------------------------

@@ -28,7 +28,7 @@ from spmd.errors import SpmdError
 RUNS_JAX = False  # the launcher only starts processes; they run JAX
 HOST = "127.0.0.1"
 STOP_GRACE_S = 5.0  # from SIGTERM to SIGKILL when ending the survivors of a failure
-INTERRUPT_GRACE_S = 10.0  # from a forwarded Ctrl-C to SIGKILL
+INTERRUPT_GRACE_S = 60.0  # from a forwarded Ctrl-C or SIGTERM to SIGKILL: time to save
 
 
 def add_parser(sub) -> None:
@@ -209,12 +209,13 @@ class Supervisor:
         self.kill_at = time.monotonic() + STOP_GRACE_S
 
     def _on_signal(self, signum, frame) -> None:
-        if signum == signal.SIGINT and not self.interrupted:
-            self.interrupted = 130
-            self._signal_all(signal.SIGINT)
-            self.kill_at = time.monotonic() + INTERRUPT_GRACE_S
-        else:  # a second Ctrl-C, or the launcher itself is being ended
+        """Ctrl-C or SIGTERM (a scheduler's pre-emption) goes to every process, which saves
+        and stops; a second signal, or a process slower than the grace period, is killed."""
+        if self.interrupted is None:
             self.interrupted = 128 + signum
+            self._signal_all(signum)
+            self.kill_at = time.monotonic() + INTERRUPT_GRACE_S
+        else:
             self._signal_all(signal.SIGKILL)
 
     def _signal_all(self, sig: int) -> None:
