@@ -84,7 +84,7 @@ def run(bc: BenchConfig) -> list[dict]:
     model = get_model(bc.model, dict(bc.overrides))
     mesh = make_mesh(bc.mesh) if bc.mesh else make_mesh("data=1", jax.devices()[:1])
     gen = Generator(model, mesh, SamplingConfig(max_new_tokens=bc.new_tokens))
-    params = P.init(model.specs(), jax.random.key(bc.seed), mesh, gen.rules)
+    params = gen.prepare(P.init(model.specs(), jax.random.key(bc.seed), mesh, gen.rules))
     return [bench_batch(gen, params, bc, b) for b in bc.batches]
 
 
