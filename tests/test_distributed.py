@@ -92,24 +92,27 @@ def _is_loopback(address) -> bool:
 
 
 def test_launched_coordinator_listens_on_loopback_only():
-    from spmd.commands.launch import coordinator_port
+    """Rank 0 of a 2-process job, started as `spmd launch` starts it, with no rank 1: its
+    coordinator listens (waiting for rank 1) for as long as we look."""
+    from spmd.commands.launch import child_env, coordinator_port
 
     port = coordinator_port(None)
-    launcher = subprocess.Popen(
-        [sys.executable, "-m", "spmd.cli", "launch", "-n", "2", "--port", str(port), "--",
-         "spmd", "models"],
-        env=spmd_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    env = child_env(0, 2, 1, port)
+    assert env["SPMD_COORDINATOR"] == f"127.0.0.1:{port}"
+    rank0 = subprocess.Popen(
+        [sys.executable, "-m", "spmd.cli", "models"],
+        env=spmd_env(env), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
     )  # fmt: skip
     seen = []
     try:
-        while launcher.poll() is None:
-            seen.extend(_listeners(port))
-            time.sleep(0.02)
+        deadline = time.monotonic() + 120
+        while not seen and rank0.poll() is None and time.monotonic() < deadline:
+            seen = _listeners(port)
+            time.sleep(0.05)
     finally:
-        launcher.kill()
-        _, err = launcher.communicate()
-    assert launcher.returncode == 0, err
-    assert seen, "the coordinator was never seen listening"
+        rank0.kill()
+        _, err = rank0.communicate()
+    assert seen, f"the coordinator was never seen listening: {err.decode()[-2000:]}"
     assert all(_is_loopback(a) for a in seen), seen
 
 
