@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-fast lint train seed compile-time clean bench-ckpt generate bench-inference
+.PHONY: install test test-fast lint train seed compile-time clean bench-ckpt generate bench-inference strategies
 
 install: $(STAMP)
 
@@ -52,3 +52,7 @@ generate: $(STAMP)
 # Prefill and decode tokens/s and achieved memory bandwidth, gpt-small, batches 1, 8 and 32.
 bench-inference: $(STAMP)
 	$(PY) -m experiments.inference --model gpt-small --batches 1,8,32
+
+# Five layouts of gpt-small on 8 simulated CPU devices: compiler report vs measured step time.
+strategies: $(STAMP)
+	$(PY) -m experiments.strategies

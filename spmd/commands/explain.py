@@ -1,0 +1,63 @@
+"""`spmd explain`: the compiler report for a model on a mesh, before any step runs."""
+
+from __future__ import annotations
+
+from spmd.cli import positive_int
+
+# It compiles on simulated devices only: never join a multi-process job.
+RUNS_JAX = False
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "explain", help="per-device memory, FLOPs and collectives of a train step, before it runs"
+    )
+    add_model_flags(p)
+    p.add_argument("--mesh", default="data=-1", help="e.g. fsdp=4,tensor=2 (default: data=-1)")
+    p.add_argument("--remat", default="none", choices=["none", "full", "dots"])
+    p.add_argument("--grad-accum", type=positive_int, default=1)
+    p.add_argument("--top", type=positive_int, default=8, help="largest parameters to list")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--hlo", metavar="FILE", help="also write the compiled per-device HLO here")
+
+
+def add_model_flags(p) -> None:
+    """Flags shared with `spmd plan`."""
+    p.add_argument("--model", default="gpt-tiny", help="a preset name (see `spmd models`)")
+    p.add_argument("--set", dest="overrides", default="", help="override model fields, k=v,...")
+    p.add_argument(
+        "--devices",
+        type=positive_int,
+        help="simulate N CPU devices (any N: only compilation happens)",
+    )
+    p.add_argument(
+        "--batch", type=positive_int, help="global batch in sequences (default: max(8, devices))"
+    )
+    p.add_argument("--seq", type=positive_int, default=128, help="sequence length in tokens")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument(
+        "--hardware",
+        default="cpu",
+        help="profile for memory and time: cpu, a100, h100, h200, tpu-v4, tpu-v5e, tpu-v5p",
+    )
+
+
+def run(args) -> int:
+    from spmd.compiler import cost, report
+    from spmd.models import parse_overrides
+
+    cost.get_hardware(args.hardware)  # a bad name fails before JAX starts
+    rep = report.explain(
+        args.model,
+        mesh=args.mesh,
+        batch=args.batch,
+        seq=args.seq,
+        hardware=args.hardware,
+        remat=args.remat,
+        grad_accum=args.grad_accum,
+        dtype=args.dtype,
+        overrides=parse_overrides(args.overrides),
+        hlo_path=args.hlo,
+    )
+    print(report.dumps(rep) if args.json else rep.render_text(args.top))
+    return 0

@@ -1,0 +1,263 @@
+"""Hardware profiles, the ring cost of collectives, a roofline step time, and model FLOPs.
+
+The one FLOPs convention (used by `spmd explain`, `spmd plan` and every MFU in spmd):
+
+    model FLOPs per token = 6 * N_matmul + 12 * n_layers * n_heads * head_dim * S_attn
+
+  - N_matmul counts the weights that enter matrix multiplies: per layer wq, wk, wv, wo
+    (wk and wv with the model's own n_kv_heads, so grouped-query attention is counted as
+    it is), w_gate, w_up, w_down, plus the output head. The embedding table is a lookup,
+    not a matmul, and norm scales are elementwise: neither is in N_matmul.
+  - 6 = 2 FLOPs per multiply-add, times 3 for the forward pass and the two matmuls of the
+    backward pass. Attention scores and the weighted sum (QK^T and PV) are 2 * 2 * h * k
+    FLOPs per key in the forward pass, times 3 again: hence 12 * h * k per key.
+  - S_attn = seq / 2 for causal attention (on average a token attends to half the
+    sequence), the convention of MaxText and Megatron-LM. With `causal=False` it is `seq`,
+    which is what spmd's attention actually computes (a full score matrix, then a mask).
+    The causal count is the model's useful work and is what MFU uses; the non-causal count
+    agrees with XLA's count of the compiled program's matmuls (tests/test_cost.py).
+  - Recomputation under remat is not model work: it raises the hardware's FLOPs (XLA's
+    count) but never the model FLOPs, so MFU is always model FLOPs over peak.
+
+Step-time prediction (a roofline with communication on top):
+    compute   = HLO FLOPs / peak bf16 FLOP/s, or for the `cpu` profile the roofline
+                max(HLO FLOPs / peak, HLO bytes / memory bandwidth). The bytes are those of
+                the XLA:CPU program spmd compiles; XLA:GPU and XLA:TPU fuse far more, so for
+                accelerators the memory time is only reported (`memory_s`), never added.
+                Simulated CPU devices share one host's cores and memory, so for `cpu` each
+                device gets 1/N of the host's FLOP/s and bandwidth: the prediction is then
+                the wall time of the simulation.
+    each collective costs its ring time on the link it uses: the fast link (NVLink, ICI)
+    when the whole group sits inside one node, else the slow one (InfiniBand, DCN);
+    traffic that only crosses `data`/`fsdp` (parameter gathers, gradient reductions) is
+    hidden behind compute up to the compute time, on hardware that overlaps it; traffic
+    that crosses `tensor`, `sequence`, `expert` or `stage` sits on the critical path.
+    step = compute + blocking comm + max(0, overlappable comm - compute)
+    MFU = model FLOPs per step / (step * peak * devices)
+It is an upper bound on speed: kernels do not run at peak, and XLA:CPU's program (which
+this reads) fuses less than XLA:GPU's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable, Sequence
+
+from spmd.errors import SpmdError
+
+GB = 1e9
+
+
+@dataclasses.dataclass(frozen=True)
+class Hardware:
+    name: str
+    description: str
+    peak_flops: float  # dense bf16 FLOP/s per device
+    hbm_bytes: float  # memory per device
+    hbm_bw: float  # bytes/s per device
+    intra_bw: float  # bytes/s one way per device on the fast link (NVLink / ICI)
+    inter_bw: float  # bytes/s one way per device between nodes (InfiniBand / DCN)
+    devices_per_node: int  # devices that share the fast link
+    intra_latency_s: float = 5e-6  # per ring step; order of magnitude, not a datasheet figure
+    inter_latency_s: float = 20e-6
+    overlaps_comm: bool = True  # async collectives run alongside compute
+    memory_in_roofline: bool = False  # the compiled (XLA:CPU) program's bytes are this device's
+    shared_host: bool = False  # all devices share the peak and bandwidth (simulated devices)
+    usable_memory: float = 0.9  # fraction of memory a step may use (runtime, fragmentation)
+
+    @property
+    def capacity_bytes(self) -> float:
+        return self.hbm_bytes * self.usable_memory
+
+
+# Sources, per profile:
+#  a100: NVIDIA A100 Tensor Core GPU datasheet (SXM4 80GB): 312 TFLOP/s BF16 dense,
+#        80 GB HBM2e at 2,039 GB/s, NVLink 600 GB/s (both directions together, so 300 one
+#        way); DGX A100: eight 200 Gb/s HDR InfiniBand ports, one per GPU = 25 GB/s.
+#  h100: NVIDIA H100 Tensor Core GPU datasheet (SXM5): 989 TFLOP/s BF16 dense (1,979 with
+#        sparsity), 80 GB HBM3 at 3.35 TB/s, NVLink 900 GB/s (450 one way); DGX H100:
+#        eight 400 Gb/s ConnectX-7 NDR ports, one per GPU = 50 GB/s.
+#  h200: NVIDIA H200 datasheet (SXM): same compute and NVLink as H100, 141 GB HBM3e at
+#        4.8 TB/s; DGX H200 networking as DGX H100.
+#  tpu-v4:  cloud.google.com/tpu/docs/v4: 275 TFLOP/s bf16, 32 GiB HBM2 at 1,200 GB/s,
+#        4,096-chip pods on a 3D torus; six ICI links of ~45 GB/s one way each (JAX scaling
+#        book, "How to Scale Your Model", TPU chapter) = ~270 GB/s; DCN ~25 Gb/s per chip.
+#  tpu-v5e: cloud.google.com/tpu/docs/v5e: 197 TFLOP/s bf16, 16 GB HBM2 at 819 GB/s, ICI
+#        400 GB/s bidirectional per chip (200 one way), 256-chip pods, 2 x 100 Gb/s NICs per
+#        8-chip host = 25 Gb/s per chip of DCN.
+#  tpu-v5p: cloud.google.com/tpu/docs/v5p: 459 TFLOP/s bf16, 95 GB HBM2e at 2,765 GB/s,
+#        ICI 1,200 GB/s bidirectional per chip (600 one way), 8,960-chip pods, DCN 50 Gb/s
+#        per chip.
+#  cpu:  one simulated XLA:CPU device on this 2-core development machine: ~24 GFLOP/s
+#        measured for a 1024^3 float32 matmul in XLA, ~2.7 GB/s measured for a streaming
+#        elementwise op; "links" are memory copies. All simulated devices share the same
+#        cores and RAM, so wall time is about N x the per-device prediction on N devices.
+# For TPUs a "node" is the ICI domain (the pod): any axis inside a pod uses ICI.
+HARDWARE: dict[str, Hardware] = {
+    h.name: h
+    for h in (
+        Hardware("cpu", "simulated XLA:CPU device (2-core laptop)", 24e9, 16 * GB, 2.7 * GB,
+                 5 * GB, 5 * GB, 1024, 20e-6, 20e-6, overlaps_comm=False,
+                 memory_in_roofline=True, shared_host=True),
+        Hardware("a100", "NVIDIA A100 SXM4 80GB", 312e12, 80 * GB, 2039 * GB,
+                 300 * GB, 25 * GB, 8),
+        Hardware("h100", "NVIDIA H100 SXM5 80GB", 989e12, 80 * GB, 3350 * GB,
+                 450 * GB, 50 * GB, 8),
+        Hardware("h200", "NVIDIA H200 SXM 141GB", 989e12, 141 * GB, 4800 * GB,
+                 450 * GB, 50 * GB, 8),
+        Hardware("tpu-v4", "Cloud TPU v4", 275e12, 32 * 2**30, 1200 * GB,
+                 270 * GB, 3.1 * GB, 4096),
+        Hardware("tpu-v5e", "Cloud TPU v5e", 197e12, 16 * GB, 819 * GB,
+                 200 * GB, 3.1 * GB, 256),
+        Hardware("tpu-v5p", "Cloud TPU v5p", 459e12, 95 * GB, 2765 * GB,
+                 600 * GB, 6.25 * GB, 8960),
+    )
+}  # fmt: skip
+
+
+def get_hardware(name: str) -> Hardware:
+    if name not in HARDWARE:
+        raise SpmdError(f"unknown hardware {name!r}; choose one of {', '.join(HARDWARE)}")
+    return HARDWARE[name]
+
+
+def detect_hardware() -> str:
+    """The profile for the devices JAX sees (starts the backend); `cpu` if unknown."""
+    import jax
+
+    kind = jax.devices()[0].device_kind.lower()
+    for key, name in (("h200", "h200"), ("h100", "h100"), ("a100", "a100"), ("v5p", "tpu-v5p"),
+                      ("v5 lite", "tpu-v5e"), ("v5e", "tpu-v5e"), ("v4", "tpu-v4")):  # fmt: skip
+        if key in kind:
+            return name
+    return "cpu"
+
+
+# --- Collectives ---------------------------------------------------------------------------
+
+OVERLAPPABLE_AXES = frozenset({"data", "fsdp"})
+
+
+def ring_time(kind: str, nbytes: float, n: int, bandwidth: float, latency: float = 0.0) -> float:
+    """Seconds for one ring collective over n devices; nbytes is the full buffer (the
+    reduced array for all-reduce/reduce-scatter, the gathered one for all-gather)."""
+    if n <= 1 or nbytes <= 0:
+        return 0.0
+    steps, volume = {
+        "all-reduce": (2 * (n - 1), 2 * (n - 1) / n * nbytes),
+        "all-gather": (n - 1, (n - 1) / n * nbytes),
+        "reduce-scatter": (n - 1, (n - 1) / n * nbytes),
+        "all-to-all": (n - 1, (n - 1) / n * nbytes),
+        "collective-permute": (1, nbytes),
+    }[kind]
+    return steps * latency + volume / bandwidth
+
+
+def within_node(group: Sequence[int], devices_per_node: int) -> bool:
+    """Whether a group's devices (ids in mesh order, node-major) share one node."""
+    return len({int(i) // devices_per_node for i in group}) <= 1
+
+
+def collective_time(kind, nbytes, group_size, group, hw: Hardware) -> float:
+    intra = within_node(group, hw.devices_per_node)
+    bw, lat = (hw.intra_bw, hw.intra_latency_s) if intra else (hw.inter_bw, hw.inter_latency_s)
+    return ring_time(kind, nbytes, group_size, bw, lat)
+
+
+def overlappable(axes: Iterable[str]) -> bool:
+    axes = set(axes)
+    return bool(axes) and axes <= OVERLAPPABLE_AXES
+
+
+@dataclasses.dataclass(frozen=True)
+class CommItem:
+    kind: str
+    nbytes: float  # per execution
+    count: float
+    group_size: int
+    group: tuple[int, ...]
+    axes: tuple[str, ...]
+
+    def time(self, hw: Hardware) -> float:
+        return self.count * collective_time(self.kind, self.nbytes, self.group_size, self.group, hw)
+
+
+# --- Roofline ------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Prediction:
+    compute_s: float
+    flops_s: float
+    memory_s: float
+    comm_s: float
+    blocking_comm_s: float
+    overlappable_comm_s: float
+    exposed_comm_s: float
+    step_time_s: float
+    tokens_per_s: float
+    mfu: float
+
+    @property
+    def bound(self) -> str:
+        return "memory" if self.memory_s > self.flops_s else "compute"
+
+    def to_json(self) -> dict:
+        return {**dataclasses.asdict(self), "bound": self.bound}
+
+
+def predict(
+    hw: Hardware,
+    flops_per_device: float,
+    bytes_per_device: float,
+    comm: Sequence[CommItem],
+    model_flops_per_step: float,
+    tokens_per_step: float,
+    devices: int,
+) -> Prediction:
+    share = devices if hw.shared_host else 1
+    flops_s = flops_per_device * share / hw.peak_flops
+    memory_s = bytes_per_device * share / hw.hbm_bw
+    compute = max(flops_s, memory_s) if hw.memory_in_roofline else flops_s
+    blocking = sum(c.time(hw) for c in comm if not (hw.overlaps_comm and overlappable(c.axes)))
+    hidden = sum(c.time(hw) for c in comm if hw.overlaps_comm and overlappable(c.axes))
+    exposed = blocking + max(0.0, hidden - compute)
+    step = max(compute + exposed, 1e-12)
+    return Prediction(
+        compute_s=compute,
+        flops_s=flops_s,
+        memory_s=memory_s,
+        comm_s=blocking + hidden,
+        blocking_comm_s=blocking,
+        overlappable_comm_s=hidden,
+        exposed_comm_s=exposed,
+        step_time_s=step,
+        tokens_per_s=tokens_per_step / step,
+        mfu=model_flops_per_step / (step * hw.peak_flops * devices / share),
+    )
+
+
+# --- Model FLOPs ---------------------------------------------------------------------------
+
+
+def matmul_params(cfg) -> int:
+    """N_matmul of the convention above, for a llama-style GPTConfig."""
+    d, h, g, k, f = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.d_ff
+    per_layer = 2 * d * h * k + 2 * d * g * k + 3 * d * f
+    return cfg.n_layers * per_layer + d * cfg.vocab_size
+
+
+def model_flops_per_token(cfg, seq: int, causal: bool = True) -> float:
+    s_attn = seq / 2 if causal else seq
+    attention = 12 * cfg.n_layers * cfg.n_heads * cfg.head_dim * s_attn
+    return 6 * matmul_params(cfg) + attention
+
+
+def model_flops_per_step(model, batch: int, seq: int, causal: bool = True) -> float:
+    """Training FLOPs of one optimizer step on batch x seq tokens (all devices together)."""
+    cfg = model.cfg
+    if all(hasattr(cfg, a) for a in ("d_model", "n_heads", "n_kv_heads", "head_dim", "d_ff")):
+        return batch * seq * model_flops_per_token(cfg, seq, causal)
+    from spmd import params as P  # models without a transformer config: 6 N per example
+
+    return 6.0 * P.count(model.specs()) * batch

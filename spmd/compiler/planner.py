@@ -1,0 +1,513 @@
+"""The automatic planner: search mesh layouts, remat policies and grad-accum counts.
+
+1. Enumerate: every factorisation of the devices over `SEARCH_AXES` that divides every
+   parameter and the (micro)batch (the same checks the train step makes: SpmdError), with
+   `tensor` inside one node, times each remat policy and grad-accum count.
+2. Pre-filter analytically: per-device memory (exact parameter/optimizer shards plus an
+   activation model) and a roofline step time with ring-cost communication. Cheap.
+3. Compile the best few ahead of time on simulated devices (as `spmd explain` does), drop
+   those whose compiled program does not fit, rank the rest by predicted step time.
+   Compiles are cached on disk (`$SPMD_CACHE_DIR`, default ~/.cache/spmd).
+Beyond `SIMULATION_LIMIT` devices (or when JAX runs on a different device count) step 3 is
+skipped and the analytic estimate decides; every result says which method produced it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from spmd import params as P
+from spmd.compiler import cost, report
+from spmd.errors import SpmdError
+from spmd.mesh import MESH_AXES, MeshConfig
+from spmd.models import Model
+from spmd.rules import Rules, batch_shards, logical_to_spec
+
+# `sequence` and `stage` join the search once ring attention and pipelining exist.
+SEARCH_AXES = ("data", "fsdp", "tensor")
+REMATS = ("none", "dots", "full")
+SIMULATION_LIMIT = 512  # above this, compiling on simulated CPU devices gets slow
+ANALYTIC_SLACK = 1.25  # compile candidates the analytic model puts up to 25% over memory
+
+
+@dataclasses.dataclass(frozen=True)
+class Candidate:
+    mesh: tuple[tuple[str, int], ...]  # all six axes
+    remat: str
+    grad_accum: int
+
+    @property
+    def sizes(self) -> dict[str, int]:
+        return dict(self.mesh)
+
+    @property
+    def spec(self) -> str:
+        return MeshConfig(**self.sizes).spec()
+
+    def label(self) -> str:
+        return f"{self.spec} remat={self.remat} grad_accum={self.grad_accum}"
+
+
+@dataclasses.dataclass
+class Scored:
+    candidate: Candidate
+    method: str  # "compiled" or "analytic"
+    memory_bytes: float
+    fits: bool
+    prediction: cost.Prediction
+    report: report.Report | None = None
+
+    def to_json(self) -> dict:
+        c = self.candidate
+        return {
+            "mesh": c.spec,
+            "mesh_axes": c.sizes,
+            "remat": c.remat,
+            "grad_accum": c.grad_accum,
+            "method": self.method,
+            "memory_bytes": self.memory_bytes,
+            "fits": self.fits,
+            "predicted": self.prediction.to_json(),
+        }
+
+
+@dataclasses.dataclass
+class Plan:
+    model: str
+    devices: int
+    hardware: cost.Hardware
+    batch: int
+    seq: int
+    method: str  # how the winner was scored
+    why: str  # why that method
+    ranked: list[Scored]  # fitting plans, best first
+    n_candidates: int
+    n_analytic_fit: int
+    n_compiled: int
+    wall_s: float
+
+    @property
+    def best(self) -> Scored:
+        return self.ranked[0]
+
+    def to_json(self, top: int) -> dict:
+        return {
+            "model": self.model,
+            "devices": self.devices,
+            "hardware": self.hardware.name,
+            "batch": self.batch,
+            "seq": self.seq,
+            "method": self.method,
+            "why": self.why,
+            "mesh": self.best.candidate.spec,
+            "remat": self.best.candidate.remat,
+            "grad_accum": self.best.candidate.grad_accum,
+            "candidates": self.n_candidates,
+            "analytic_fit": self.n_analytic_fit,
+            "compiled": self.n_compiled,
+            "wall_s": self.wall_s,
+            "top": [s.to_json() for s in self.ranked[:top]],
+        }
+
+
+# --- Candidates ----------------------------------------------------------------------------
+
+
+def _factorisations(n: int, k: int) -> list[tuple[int, ...]]:
+    if k == 1:
+        return [(n,)]
+    return [(d, *rest) for d in _divisors(n) for rest in _factorisations(n // d, k - 1)]
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def abstract_mesh(sizes: Mapping[str, int]):
+    return jax.sharding.AbstractMesh(tuple(sizes[a] for a in MESH_AXES), MESH_AXES)
+
+
+def check_candidate(model: Model, sizes, batch, grad_accum, hw, rules=None) -> None:
+    """Raise SpmdError (naming the culprit) if this layout cannot run the model."""
+    from spmd.train.step import check_batch
+
+    if sizes["tensor"] > hw.devices_per_node or hw.devices_per_node % sizes["tensor"]:
+        raise SpmdError(
+            f"tensor={sizes['tensor']} does not fit in one {hw.name} node of "
+            f"{hw.devices_per_node} devices"
+        )
+    mesh = abstract_mesh(sizes)
+    for spec in jax.tree.leaves(model.specs(), is_leaf=P.is_spec):
+        logical_to_spec(spec.axes, mesh, rules, spec.shape)
+    check_batch(batch, grad_accum, mesh, rules)
+
+
+def enumerate_candidates(
+    model: Model, devices: int, hw: cost.Hardware, batch: int, remats, grad_accums, rules=None
+) -> tuple[list[Candidate], list[tuple[str, str]]]:
+    ok, rejected = [], []
+    for factors in _factorisations(devices, len(SEARCH_AXES)):
+        sizes = {a: 1 for a in MESH_AXES} | dict(zip(SEARCH_AXES, factors, strict=True))
+        for ga in grad_accums:
+            try:
+                check_candidate(model, sizes, batch, ga, hw, rules)
+            except SpmdError as e:
+                rejected.append((MeshConfig(**sizes).spec(), str(e)))
+                continue
+            ok += [Candidate(tuple(sizes.items()), r, ga) for r in remats]
+    return ok, rejected
+
+
+# --- Analytic estimate ---------------------------------------------------------------------
+
+
+def _param_bytes(model: Model, sizes, rules=None) -> float:
+    mesh = abstract_mesh(sizes)
+    total = 0
+    for spec in jax.tree.leaves(model.specs(), is_leaf=P.is_spec):
+        pspec = logical_to_spec(spec.axes, mesh, rules, spec.shape)
+        split = 1
+        for entry in pspec:
+            for axis in (entry,) if isinstance(entry, str) else entry or ():
+                split *= sizes[axis]
+        total += math.prod(spec.shape) * np.dtype(spec.dtype).itemsize / split
+    return total
+
+
+def axis_group(sizes: Mapping[str, int], axes: Sequence[str]) -> tuple[int, ...]:
+    """The device ids (mesh order) of the group through device 0 along `axes`."""
+    shape = [sizes[a] for a in MESH_AXES]
+    index = tuple(slice(None) if a in axes else 0 for a in MESH_AXES)
+    return tuple(np.arange(math.prod(shape)).reshape(shape)[index].reshape(-1).tolist())
+
+
+def analytic_estimate(model: Model, c: Candidate, batch: int, seq: int, hw, dtype, rules=None):
+    """(memory bytes per device, Prediction) from the model's shapes alone (llama-style).
+
+    Parameter and optimizer shards are exact; activations, traffic and collectives follow
+    spmd.models.gpt's structure, calibrated against compiles of gpt-small and llama-7b."""
+    s = c.sizes
+    shards = batch_shards(abstract_mesh(s), rules)
+    n = batch // c.grad_accum // shards * seq  # tokens per device per microbatch
+    cb = 2 if dtype == "bfloat16" else 4
+    params = _param_bytes(model, s, rules)  # float32 shards, as stored
+    gathered = _param_bytes(model, s | {"fsdp": 1, "data": 1}, rules)  # after FSDP gathers
+    memory = _analytic_memory(model.cfg, s, c.remat, n, seq, cb, params, gathered)
+    memory += 2 * 4 * batch * seq / shards  # inputs and targets
+    traffic = _analytic_bytes(model.cfg, s, c, n, seq, cb, params, gathered)
+    comm = _analytic_comm(model, s, c, n, cb, params, gathered, rules)
+    recompute = {"none": 1.0, "dots": 1.05, "full": 4 / 3}[c.remat]
+    flops = cost.model_flops_per_step(model, batch, seq, causal=False) * recompute / _n(s)
+    pred = cost.predict(
+        hw, flops, traffic, comm, cost.model_flops_per_step(model, batch, seq), batch * seq, _n(s)
+    )
+    return memory, pred
+
+
+def _dims(cfg):
+    return (
+        cfg.d_model,
+        cfg.n_heads,
+        cfg.n_kv_heads,
+        cfg.head_dim,
+        cfg.d_ff,
+        cfg.vocab_size,
+        cfg.n_layers,
+    )
+
+
+def _analytic_memory(cfg, s, remat, n, seq, cb, params, gathered) -> float:
+    d, h, g, k, f, v, L = _dims(cfg)
+    T = s["tensor"]
+    # What one layer keeps for its backward pass, per token: the residual stream and norms,
+    # q/k/v before and after rotary, the attention output, SwiGLU's gate/up/hidden, and the
+    # float32 scores and probabilities (h x seq).
+    layer = 6 * d * cb + (3 * h * k + 3 * g * k + 4 * f) / T * cb + 2 * h / T * seq * 4
+    if remat == "full":
+        saved = L * n * d * cb + n * layer
+    elif remat == "dots":
+        saved = L * n * ((h * k + 2 * g * k + 2 * f) / T * cb + 2 * d * cb) + n * layer
+    else:
+        saved = L * n * layer
+    logits = 3 * n * v / T * 4
+    embed = 2 * v * d * 4 / T  # the table is gathered whole for the lookup, and its grad
+    weights = 2 * gathered / L if s["fsdp"] > 1 else 0.0  # one layer gathered, double-buffered
+    # parameters, two Adam moments and the gradients, all float32 shards
+    return 4 * params + saved + logits + embed + weights
+
+
+def _analytic_bytes(cfg, s, c, n, seq, cb, params, gathered) -> float:
+    """Memory traffic per device per step, fitted to XLA:CPU programs (used by `cpu` only)."""
+    d, h, g, k, f, v, L = _dims(cfg)
+    T = s["tensor"]
+    per_token_layer = cb * (150 * d + (75 * f + 45 * (h * k + 2 * g * k)) / T) + 48 * h / T * seq
+    activations = c.grad_accum * L * n * per_token_layer
+    # The optimizer update is unfused on CPU: ~45 passes over the float32 shards.
+    return activations + c.grad_accum * 5 * gathered + 45 * params + 8 * c.grad_accum * n * v / T
+
+
+def _n(sizes) -> int:
+    return math.prod(sizes.values())
+
+
+def _analytic_comm(model, s, c, n, cb, params, gathered, rules) -> list[cost.CommItem]:
+    d, L, v, ga = model.cfg.d_model, model.cfg.n_layers, model.cfg.vocab_size, c.grad_accum
+    layer_weights = sum(
+        1
+        for spec in jax.tree.leaves(model.specs(), is_leaf=P.is_spec)
+        if "layers" in spec.axes and "embed" in spec.axes
+    )
+    items = []
+
+    def add(kind, nbytes, count, axes):
+        axes = tuple(a for a in axes if s[a] > 1)
+        if axes and count:
+            size = math.prod(s[a] for a in axes)
+            items.append(cost.CommItem(kind, nbytes, count, size, axis_group(s, axes), axes))
+
+    # FSDP: each layer weight is gathered for the forward pass and again for the backward
+    # pass; each layer's gradients are reduce-scattered in one combined op, per microbatch.
+    per_weight = gathered / L / max(layer_weights, 1)
+    add("all-gather", per_weight, 2 * L * layer_weights * ga, ("fsdp",))
+    add("reduce-scatter", gathered / L, L * ga, ("fsdp",))
+    # Data parallel: all-reduce the (FSDP/TP-sharded) gradients of each layer.
+    add("all-reduce", params / L, L * ga, ("data",))
+    # Tensor parallel: two activation all-reduces per layer forward, two backward (and the
+    # forward's again when it is recomputed).
+    add("all-reduce", n * d * cb, (6 if c.remat == "full" else 4) * L * ga, ("tensor",))
+    # The embedding table, gathered whole for the lookup, and its dense gradient.
+    add("all-gather", v * d * 4, ga, ("fsdp", "tensor"))
+    add("all-reduce", v * d * 4, 1, ("data", "fsdp", "tensor"))
+    return items
+
+
+# --- Compile cache -------------------------------------------------------------------------
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("SPMD_CACHE_DIR") or Path.home() / ".cache" / "spmd") / "compile"
+
+
+@functools.cache
+def _source_hash() -> str:
+    """Any change to spmd's code invalidates cached compiles."""
+    root = Path(__file__).resolve().parents[1]
+    h = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        h.update(path.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def _cache_key(model: Model, c: Candidate, batch, seq, rules) -> str:
+    blob = json.dumps(
+        [
+            model.name,
+            repr(model.cfg),
+            c.mesh,
+            c.grad_accum,
+            batch,
+            seq,
+            repr(rules),
+            jax.__version__,
+            _source_hash(),
+        ],  # fmt: skip
+        default=str,
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()[:32]
+
+
+def compiled_stats(model: Model, c: Candidate, batch, seq, rules=None, use_cache=True):
+    """CompiledStats for a candidate, from the disk cache or a fresh ahead-of-time compile."""
+    from spmd.mesh import make_mesh
+
+    path = cache_dir() / f"{_cache_key(model, c, batch, seq, rules)}.json"
+    if use_cache and path.exists():
+        try:
+            return report.CompiledStats.from_json(json.loads(path.read_text())), True
+        except (ValueError, KeyError, TypeError):
+            pass  # a stale or torn entry: compile again
+    stats = report.compile_stats(model, make_mesh(c.sizes), batch, seq, c.grad_accum, rules)
+    if use_cache:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps(stats.to_json()))
+        tmp.replace(path)
+    return stats, False
+
+
+# --- The search ----------------------------------------------------------------------------
+
+
+def plan(
+    model_name: str,
+    devices: int,
+    hardware: str = "cpu",
+    batch: int | None = None,
+    seq: int = 128,
+    dtype: str = "float32",
+    overrides: Mapping | None = None,
+    remats: Sequence[str] = REMATS,
+    grad_accums: Sequence[int] | None = None,
+    compile_top: int = 3,
+    max_compiles: int = 8,
+    method: str = "auto",
+    use_cache: bool = True,
+    progress: bool = True,
+    rules: Rules | None = None,
+) -> Plan:
+    t0 = time.perf_counter()
+    hw = cost.get_hardware(hardware)
+    base = report.build_model(model_name, overrides, "none", dtype, seq)
+    batch = batch or report.default_batch(devices)
+    grad_accums = grad_accums or [ga for ga in (1, 2, 4, 8) if batch % ga == 0]
+    cands, rejected = enumerate_candidates(base, devices, hw, batch, remats, grad_accums, rules)
+    if not cands:
+        why = rejected[0][1] if rejected else "no factorisation"
+        raise SpmdError(f"no layout of {devices} devices can run {model_name}: {why}")
+    models = {r: report.build_model(model_name, overrides, r, dtype, seq) for r in remats}
+    estimates = [
+        (c, *analytic_estimate(models[c.remat], c, batch, seq, hw, dtype, rules)) for c in cands
+    ]
+    fitting = [e for e in estimates if e[1] <= hw.capacity_bytes * ANALYTIC_SLACK]
+    if not fitting:
+        c, mem, _ = min(estimates, key=lambda e: e[1])
+        raise SpmdError(
+            f"{model_name} fits no plan on {devices} x {hw.name}: the smallest layout "
+            f"({c.label()}) needs about {mem / 1e9:,.1f} GB per device, and a {hw.name} has "
+            f"{hw.hbm_bytes / 1e9:,.0f} GB; use more devices or a smaller --batch/--seq"
+        )
+    fitting.sort(key=lambda e: (round(e[2].step_time_s, 9), e[2].flops_s, e[1]))
+    analytic = [
+        Scored(c, "analytic", mem, mem <= hw.capacity_bytes, pred) for c, mem, pred in fitting
+    ]
+    compiled: list[Scored] = []
+    why = _why_not_compile(method, devices)
+    if not why:
+        if progress:
+            print(
+                f"{model_name} on {devices} x {hw.name}: {len(cands)} candidates, "
+                f"{len(fitting)} fit the analytic estimate; compiling the most promising on "
+                f"{devices} simulated devices",
+                file=sys.stderr,
+                flush=True,
+            )
+        compiled = _compile_best(
+            models, fitting, batch, seq, hw, rules, compile_top, max_compiles, use_cache, progress
+        )
+    good = sorted((s for s in compiled if s.fits), key=_rank_key)
+    if compiled and not good:
+        raise SpmdError(
+            f"{model_name} fits no plan on {devices} x {hw.name}: none of the "
+            f"{len(compiled)} most promising layouts fits once compiled (smallest: "
+            f"{min(s.memory_bytes for s in compiled) / 1e9:,.1f} GB per device)"
+        )
+    seen = {s.candidate for s in compiled}
+    rest = [s for s in analytic if s.fits and s.candidate not in seen]
+    ranked = good + rest
+    if not ranked:
+        raise SpmdError(f"{model_name} fits no plan on {devices} x {hw.name}")
+    why = why or f"compiled the {len(compiled)} best of the analytic ranking"
+    return Plan(
+        model_name,
+        devices,
+        hw,
+        batch,
+        seq,
+        ranked[0].method,
+        why,
+        ranked,
+        len(cands),
+        len(fitting),
+        len(compiled),
+        time.perf_counter() - t0,
+    )
+
+
+def _rank_key(s: Scored):
+    # Faster first; between equally fast plans (communication-bound ones hide any compute),
+    # the one that recomputes least, then the one with more memory to spare.
+    return (round(s.prediction.step_time_s, 9), s.prediction.flops_s, s.memory_bytes)
+
+
+def _why_not_compile(method: str, devices: int) -> str:
+    """Empty if the candidates can be compiled, else why the analytic estimate decides."""
+    if method == "analytic":
+        return "--method analytic"
+    if devices > SIMULATION_LIMIT:
+        if method == "compile":
+            raise SpmdError(f"cannot simulate {devices} devices (the limit is {SIMULATION_LIMIT})")
+        return f"{devices} devices is over the simulation limit of {SIMULATION_LIMIT}"
+    if jax.device_count() != devices:
+        if method == "compile":
+            raise SpmdError(
+                f"cannot compile for {devices} devices: JAX runs {jax.device_count()}; "
+                f"pass --devices {devices}"
+            )
+        return f"JAX runs {jax.device_count()} devices, not {devices}"
+    return ""
+
+
+def _compile_best(models, fitting, batch, seq, hw, rules, want, max_compiles, use_cache, progress):
+    out: list[Scored] = []
+    todo = [c for c, _, _ in fitting][:max_compiles]
+    for i, c in enumerate(todo, 1):
+        if sum(s.fits for s in out) >= want:
+            break
+        if progress:
+            print(
+                f"  compiling {i}/{len(todo)}: {c.label()} ...", end="", file=sys.stderr, flush=True
+            )
+        t = time.perf_counter()
+        stats, cached = compiled_stats(models[c.remat], c, batch, seq, rules, use_cache)
+        rep = report.make_report(
+            models[c.remat], abstract_mesh(c.sizes), batch, seq, c.grad_accum, hw, stats, rules
+        )
+        s = Scored(c, "compiled", stats.memory["total_bytes"], rep.fits, rep.prediction, rep)
+        out.append(s)
+        if progress:
+            how = "cached" if cached else f"{time.perf_counter() - t:.0f}s"
+            verdict = "fits" if s.fits else "does not fit"
+            step = report.fmt_time(s.prediction.step_time_s)
+            mem = report.fmt_bytes(s.memory_bytes)
+            print(f" {how}, {mem}/device, {verdict}, step {step}", file=sys.stderr, flush=True)
+    return out
+
+
+def plan_mesh_for_train(
+    model_name, overrides, batch, seq, remat, grad_accum, dtype, rules=None, compile_top=3
+) -> str:
+    """`spmd train --mesh auto`: the best mesh for the devices JAX sees, keeping the run's
+    remat and grad-accum, scored on the hardware JAX runs on."""
+    hardware = cost.detect_hardware()
+    p = plan(
+        model_name,
+        jax.device_count(),
+        hardware,
+        batch,
+        seq,
+        dtype,
+        overrides,
+        remats=(remat,),
+        grad_accums=(grad_accum,),
+        compile_top=compile_top,
+        rules=rules,
+    )
+    best = p.best
+    print(
+        f"--mesh auto: {best.candidate.spec} (planner, {best.method} on {hardware}, "
+        f"{p.n_candidates} candidates, {p.wall_s:.0f}s)",
+        flush=True,
+    )
+    return best.candidate.spec

@@ -1,0 +1,469 @@
+"""The compiler report: what XLA will do with a model on a mesh, before a step runs.
+
+`compile_stats` lowers and compiles the real train step (`spmd.train.step.compile_step`) on
+abstract inputs, so nothing is allocated, and reads from the compiled program:
+  - memory, from `compiled.memory_analysis()`, with the arguments split by pytree path
+    into parameters, optimizer state and batch;
+  - FLOPs, from `compiled.cost_analysis()`; XLA counts a loop body once, so the FLOPs of
+    the matmuls in loop bodies (the scanned layers) are added for the other iterations;
+  - every collective, from `compiled.as_text()` (spmd.compiler.hlo).
+`Report` adds the hardware: whether it fits, and the predicted step time and MFU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from collections import defaultdict
+from collections.abc import Mapping
+
+import jax
+import numpy as np
+
+from spmd import params as P
+from spmd.compiler import cost, hlo
+from spmd.errors import SpmdError
+from spmd.mesh import MESH_AXES, make_mesh, mesh_shape
+from spmd.models import Model, get_model
+from spmd.rules import Rules, logical_to_spec
+
+
+def default_batch(n_devices: int) -> int:
+    """Without --batch, one sequence per device (and at least 8)."""
+    return max(8, n_devices)
+
+
+def build_model(name: str, overrides: Mapping | None, remat: str, dtype: str, seq: int) -> Model:
+    model = get_model(name, {**dict(overrides or {}), "remat": remat, "compute_dtype": dtype})
+    max_len = getattr(model.cfg, "max_seq_len", None)
+    if max_len is not None and seq > max_len:
+        raise SpmdError(f"--seq={seq} exceeds the model's max_seq_len={max_len}")
+    return model
+
+
+def abstract_inputs(model: Model, mesh, batch: int, seq: int, rules: Rules | None = None):
+    """(optimizer, schedule, abstract state, abstract batch): shapes and shardings only."""
+    from spmd.train import optim, state, step
+
+    opt, schedule = optim.make_optimizer(optim.OptimConfig())
+    shapes = {k: (batch, seq) for k in model.batch_axes}
+    sh = step.batch_shardings(model, shapes, mesh, rules)
+    abstract_batch = {
+        k: jax.ShapeDtypeStruct(s, np.int32, sharding=sh[k]) for k, s in shapes.items()
+    }
+    return opt, schedule, state.abstract_state(model, opt, mesh, rules), abstract_batch
+
+
+@dataclasses.dataclass
+class CompiledStats:
+    """Everything read from one compile; independent of the hardware, so it can be cached."""
+
+    memory: dict
+    flops_per_device: float  # XLA's count, loop bodies counted as often as they run
+    xla_flops_raw: float  # cost_analysis()["flops"] as XLA reports it (loop bodies once)
+    matmul_flops_per_device: float  # dots and convolutions only, loops x trip count
+    bytes_per_device: float
+    collectives: list[hlo.Collective]
+    compile_s: float
+
+    def to_json(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["collectives"] = [c.to_json() for c in self.collectives]
+        return d
+
+    @classmethod
+    def from_json(cls, d: Mapping) -> CompiledStats:
+        d = dict(d)
+        d["collectives"] = [hlo.Collective.from_json(c) for c in d["collectives"]]
+        return cls(**d)
+
+
+def compile_train_step(
+    model: Model, mesh, batch: int, seq: int, grad_accum: int = 1, rules: Rules | None = None
+):
+    """The real train step, compiled ahead of time: (compiled, abstract state, abstract batch,
+    seconds). Calling `compiled(state, batch)` runs it."""
+    from spmd.train import step
+
+    t0 = time.perf_counter()
+    opt, schedule, abstract_state, abstract_batch = abstract_inputs(model, mesh, batch, seq, rules)
+    shapes = {k: v.shape for k, v in abstract_batch.items()}
+    fn = step.compile_step(model, opt, schedule, mesh, shapes, rules, grad_accum)
+    compiled = fn.lower(abstract_state, abstract_batch).compile()
+    return compiled, abstract_state, abstract_batch, time.perf_counter() - t0
+
+
+def compile_stats(
+    model: Model,
+    mesh,
+    batch: int,
+    seq: int,
+    grad_accum: int = 1,
+    rules: Rules | None = None,
+    hlo_path: str | None = None,
+) -> CompiledStats:
+    compiled, *rest = compile_train_step(model, mesh, batch, seq, grad_accum, rules)
+    return stats_from_compiled(compiled, *rest, mesh_shape(mesh), hlo_path)
+
+
+def stats_from_compiled(
+    compiled, abstract_state, abstract_batch, compile_s, sizes, hlo_path=None
+) -> CompiledStats:
+    text = compiled.as_text()
+    if hlo_path:
+        with open(hlo_path, "w") as f:
+            f.write(text)
+    module = hlo.parse_module(text)
+    program = hlo.program_cost(module)
+    xla = _cost_analysis(compiled)
+    # XLA counts each loop body once; add the other iterations' matmuls and bytes.
+    flops = xla.get("flops", 0.0) + program.dot_flops - program.dot_flops_once
+    nbytes = xla.get("bytes accessed", 0.0) + program.bytes_accessed - program.bytes_accessed_once
+    return CompiledStats(
+        memory=_memory(compiled.memory_analysis(), abstract_state, abstract_batch),
+        flops_per_device=flops,
+        xla_flops_raw=xla.get("flops", 0.0),
+        matmul_flops_per_device=program.dot_flops,
+        bytes_per_device=nbytes,
+        collectives=hlo.collectives(module, sizes),
+        compile_s=compile_s,
+    )
+
+
+def _cost_analysis(compiled) -> dict:
+    ca = compiled.cost_analysis()
+    if isinstance(ca, list | tuple):  # older JAX: one dict per program
+        ca = ca[0] if ca else {}
+    return dict(ca or {})
+
+
+def per_device_bytes(tree) -> int:
+    """Bytes one device holds of a pytree of sharded ShapeDtypeStructs (shard shapes)."""
+    total = 0
+    for leaf in jax.tree.leaves(tree):
+        shape = leaf.sharding.shard_shape(leaf.shape) if leaf.sharding is not None else leaf.shape
+        total += math.prod(shape) * np.dtype(leaf.dtype).itemsize
+    return total
+
+
+def _memory(ma, abstract_state, abstract_batch) -> dict:
+    args, out = int(ma.argument_size_in_bytes), int(ma.output_size_in_bytes)
+    alias, temp = int(ma.alias_size_in_bytes), int(ma.temp_size_in_bytes)
+    code = int(getattr(ma, "generated_code_size_in_bytes", 0))
+    params = per_device_bytes(abstract_state.params)
+    opt_state = per_device_bytes(abstract_state.opt_state)
+    batch = per_device_bytes(abstract_batch)
+    return {
+        "arguments_bytes": args,
+        "output_bytes": out,
+        "alias_bytes": alias,
+        "temp_bytes": temp,
+        "code_bytes": code,
+        # Donated state: outputs that alias arguments take no new memory.
+        "total_bytes": args + temp + max(out - alias, 0) + code,
+        "params_bytes": params,
+        "opt_state_bytes": opt_state,
+        "batch_bytes": batch,
+        "other_arguments_bytes": max(args - params - opt_state - batch, 0),
+    }
+
+
+def param_rows(model: Model, mesh, rules: Rules | None = None) -> list[dict]:
+    """Every parameter: path, shape, logical axes, PartitionSpec, per-device shape."""
+    sizes = mesh_shape(mesh)
+    rows = []
+    leaves = jax.tree_util.tree_flatten_with_path(model.specs(), is_leaf=P.is_spec)[0]
+    for path, spec in leaves:
+        pspec = logical_to_spec(spec.axes, mesh, rules, spec.shape)
+        local = list(spec.shape)
+        for dim, entry in enumerate(pspec):
+            for axis in (entry,) if isinstance(entry, str) else entry or ():
+                local[dim] //= sizes[axis]
+        rows.append(
+            {
+                "name": "/".join(str(getattr(k, "key", k)) for k in path),
+                "shape": list(spec.shape),
+                "logical": [_logical_str(a) for a in spec.axes],
+                "spec": _spec_str(pspec),
+                "per_device_shape": local,
+                "bytes": math.prod(spec.shape) * np.dtype(spec.dtype).itemsize,
+            }
+        )
+    return sorted(rows, key=lambda r: -r["bytes"])
+
+
+def _logical_str(a) -> str:
+    return "*".join(a) if isinstance(a, tuple) else str(a)
+
+
+def _spec_str(pspec) -> str:
+    def entry(e):
+        if e is None:
+            return "None"
+        return repr(e) if isinstance(e, str) else "(" + ", ".join(map(repr, e)) + ")"
+
+    return "P(" + ", ".join(entry(e) for e in pspec) + ")"
+
+
+@dataclasses.dataclass
+class Report:
+    model: str
+    params: int
+    mesh: dict[str, int]
+    devices: int
+    batch: int
+    seq: int
+    grad_accum: int
+    remat: str
+    dtype: str
+    hardware: cost.Hardware
+    stats: CompiledStats
+    model_flops_per_step: float
+    param_rows: list[dict]
+    method: str = "compiled"
+
+    @property
+    def comm_items(self) -> list[cost.CommItem]:
+        return [
+            cost.CommItem(c.kind, c.bytes, c.count, c.group_size, c.group, c.axes)
+            for c in self.stats.collectives
+        ]
+
+    @property
+    def prediction(self) -> cost.Prediction:
+        return cost.predict(
+            self.hardware,
+            self.stats.flops_per_device,
+            self.stats.bytes_per_device,
+            self.comm_items,
+            self.model_flops_per_step,
+            self.batch * self.seq,
+            self.devices,
+        )
+
+    @property
+    def fits(self) -> bool:
+        return self.stats.memory["total_bytes"] <= self.hardware.capacity_bytes
+
+    def collective_groups(self) -> list[dict]:
+        """Collectives summed by (kind, mesh axes): count, bytes per step and ring time."""
+        groups: dict[tuple, dict] = {}
+        for c, item in zip(self.stats.collectives, self.comm_items, strict=True):
+            key = (c.kind, c.axes)
+            g = groups.setdefault(
+                key,
+                {
+                    "kind": c.kind,
+                    "axes": list(c.axes),
+                    "count": 0,
+                    "bytes": 0,
+                    "time_s": 0.0,
+                    "group_size": c.group_size,
+                    "raw_kinds": set(),
+                },
+            )
+            g["count"] += c.count
+            g["bytes"] += c.total_bytes
+            g["time_s"] += item.time(self.hardware)
+            g["raw_kinds"].add(c.raw_kind)
+        out = sorted(groups.values(), key=lambda g: -g["bytes"])
+        for g in out:
+            g["raw_kinds"] = sorted(g["raw_kinds"])
+            g["count"] = int(round(g["count"]))
+            g["bytes"] = int(round(g["bytes"]))
+        return out
+
+    def to_json(self) -> dict:
+        mem = dict(self.stats.memory)
+        mem.update(capacity_bytes=self.hardware.capacity_bytes, fits=self.fits)
+        return {
+            "model": self.model,
+            "params": self.params,
+            "mesh": self.mesh,
+            "devices": self.devices,
+            "batch": self.batch,
+            "seq": self.seq,
+            "grad_accum": self.grad_accum,
+            "remat": self.remat,
+            "dtype": self.dtype,
+            "hardware": self.hardware.name,
+            "method": self.method,
+            "memory": mem,
+            "flops_per_device": self.stats.flops_per_device,
+            "xla_flops_raw": self.stats.xla_flops_raw,
+            "matmul_flops_per_device": self.stats.matmul_flops_per_device,
+            "bytes_per_device": self.stats.bytes_per_device,
+            "model_flops_per_step": self.model_flops_per_step,
+            "collectives": self.collective_groups(),
+            "predicted": self.prediction.to_json(),
+            "largest_params": self.param_rows[:10],
+            "compile_s": self.stats.compile_s,
+        }
+
+    def render_text(self, top: int = 8) -> str:
+        return render_text(self, top)
+
+
+def explain(
+    model: str,
+    mesh: str = "data=-1",
+    batch: int | None = None,
+    seq: int = 128,
+    hardware: str = "cpu",
+    remat: str = "none",
+    grad_accum: int = 1,
+    dtype: str = "float32",
+    overrides: Mapping | None = None,
+    rules: Rules | None = None,
+    hlo_path: str | None = None,
+) -> Report:
+    """Compile the train step for `model` on `mesh` (all of JAX's devices) and report it."""
+    hw = cost.get_hardware(hardware)  # fail on a bad name before compiling anything
+    m = build_model(model, overrides, remat, dtype, seq)
+    jmesh = make_mesh(mesh)
+    batch = batch or default_batch(jmesh.devices.size)
+    stats = compile_stats(m, jmesh, batch, seq, grad_accum, rules, hlo_path)
+    return make_report(m, jmesh, batch, seq, grad_accum, hw, stats, rules)
+
+
+def make_report(m: Model, jmesh, batch, seq, grad_accum, hw, stats, rules=None) -> Report:
+    """`jmesh` may be a Mesh or an AbstractMesh: only its axis sizes are read."""
+    return Report(
+        model=m.name,
+        params=P.count(m.specs()),
+        mesh={a: int(jmesh.shape[a]) for a in MESH_AXES},
+        devices=math.prod(int(n) for n in jmesh.shape.values()),
+        batch=batch,
+        seq=seq,
+        grad_accum=grad_accum,
+        remat=getattr(m.cfg, "remat", "none"),
+        dtype=getattr(m.cfg, "compute_dtype", "float32"),
+        hardware=hw,
+        stats=stats,
+        model_flops_per_step=cost.model_flops_per_step(m, batch, seq),
+        param_rows=param_rows(m, jmesh, rules),
+    )
+
+
+def dumps(report: Report) -> str:
+    return json.dumps(report.to_json(), indent=2, default=_json_default)
+
+
+def _json_default(x):
+    if isinstance(x, np.integer | np.floating):
+        return x.item()
+    if isinstance(x, set | tuple):
+        return list(x)
+    raise TypeError(type(x))
+
+
+def axis_bytes(collectives, kind: str) -> dict[tuple, float]:
+    """Total bytes per step of one kind of collective, by the mesh axes it crosses."""
+    out: dict[tuple, float] = defaultdict(float)
+    for c in collectives:
+        if c.kind == kind:
+            out[c.axes] += c.total_bytes
+    return dict(out)
+
+
+# --- Text ----------------------------------------------------------------------------------
+
+
+def fmt_bytes(n: float) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n:.0f} B"
+
+
+def fmt_time(s: float) -> str:
+    return f"{s * 1e3:.2f} ms" if s < 1 else f"{s:.3f} s"
+
+
+def _table(rows: list[list[str]], indent: str = "  ") -> list[str]:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return [
+        indent + "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
+        for r in rows
+    ]
+
+
+def render_text(r: Report, top: int = 8) -> str:
+    hw = r.hardware
+    on = ",".join(f"{a}={n}" for a, n in r.mesh.items() if n > 1) or "data=1"
+    every = " ".join(f"{a}={n}" for a, n in r.mesh.items())
+    lines = [
+        f"{r.model}: {r.params / 1e6:,.1f}M parameters on {r.devices} devices "
+        f"({hw.name}: {hw.description})",
+        f"mesh      {on}   [{every}]",
+        f"batch     {r.batch} x {r.seq} tokens | grad-accum {r.grad_accum} | "
+        f"remat {r.remat} | dtype {r.dtype}",
+        "",
+        f"largest parameters ({len(r.param_rows)} in all)",
+    ]
+    rows = [["name", "shape", "logical axes", "spec", "per device"]]
+    for p in r.param_rows[:top]:
+        shapes = (_tup(p["shape"]), _tup(p["logical"]), p["spec"], _tup(p["per_device_shape"]))
+        rows.append([p["name"], *shapes])
+    lines += _table(rows) + [""] + _memory_lines(r) + [""]
+    lines.append(
+        f"FLOPs per step: {r.stats.flops_per_device:.3e} per device (XLA's count, loop bodies "
+        f"x trip count) | model {r.model_flops_per_step:.3e} (6N + causal attention, all devices)"
+    )
+    lines += ["", "collectives per step, per device (ring time on this hardware)"]
+    lines += _collective_lines(r) + [""] + _prediction_lines(r)
+    return "\n".join(lines)
+
+
+def _memory_lines(r: Report) -> list[str]:
+    hw, mem = r.hardware, r.stats.memory
+    verdict = "fits" if r.fits else f"DOES NOT FIT (over {hw.usable_memory:.0%} of it)"
+    outputs = mem["output_bytes"] - mem["alias_bytes"]
+    return [
+        f"memory per device (compiled program; {hw.name} has {fmt_bytes(hw.hbm_bytes)})",
+        f"  arguments    {fmt_bytes(mem['arguments_bytes']):>10}  = params "
+        f"{fmt_bytes(mem['params_bytes'])} + optimizer {fmt_bytes(mem['opt_state_bytes'])}"
+        f" + batch {fmt_bytes(mem['batch_bytes'])}",
+        f"  temporaries  {fmt_bytes(mem['temp_bytes']):>10}",
+        f"  outputs      {fmt_bytes(outputs):>10}  (beyond those aliased to donated arguments)",
+        f"  total        {fmt_bytes(mem['total_bytes']):>10}  "
+        f"{mem['total_bytes'] / hw.hbm_bytes:.0%} of {fmt_bytes(hw.hbm_bytes)}: {verdict}",
+    ]
+
+
+def _collective_lines(r: Report) -> list[str]:
+    groups = r.collective_groups()
+    if not groups:
+        return ["  none"]
+    rows = [["kind", "mesh axes", "count", "bytes", "time", ""]]
+    for g in groups:
+        note = "(XLA:CPU: all-reduce + dynamic-slice)" if g["raw_kinds"] != [g["kind"]] else ""
+        axes = ",".join(g["axes"]) or "-"
+        rows.append(
+            [g["kind"], axes, str(g["count"]), fmt_bytes(g["bytes"]), fmt_time(g["time_s"]), note]
+        )
+    return _table(rows)
+
+
+def _prediction_lines(r: Report) -> list[str]:
+    hw, p = r.hardware, r.prediction
+    if hw.memory_in_roofline:
+        compute = f"compute {fmt_time(p.compute_s)} ({p.bound}-bound roofline)"
+    else:
+        compute = (
+            f"compute {fmt_time(p.compute_s)} at peak (the XLA:CPU program's memory traffic "
+            f"would take {fmt_time(p.memory_s)}; not counted)"
+        )
+    return [
+        f"predicted on {hw.name} (bf16 peak {hw.peak_flops / 1e12:,.0f} TFLOP/s):",
+        f"  step {fmt_time(p.step_time_s)} = {compute}",
+        f"       + exposed communication {fmt_time(p.exposed_comm_s)} (of "
+        f"{fmt_time(p.comm_s)}; {fmt_time(p.blocking_comm_s)} on the critical path)",
+        f"  {p.tokens_per_s:,.0f} tokens/s | MFU {p.mfu:.1%}",
+    ]
+
+
+def _tup(x) -> str:
+    return "(" + ", ".join(str(v) for v in x) + ")"

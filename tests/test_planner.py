@@ -1,0 +1,107 @@
+"""The planner: candidates, analytic pre-filter, compiled ranking, and its refusals."""
+
+import pytest
+from conftest import run_spmd
+
+import spmd
+from spmd.compiler import cost, planner, report
+from spmd.errors import SpmdError
+from spmd.mesh import MESH_AXES
+
+TINY = {"n_layers": 2}
+
+
+@pytest.fixture(autouse=True)
+def cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("SPMD_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "spmd-cache"))
+
+
+def sizes(spec: str, n: int) -> dict:
+    return spmd.parse_mesh(spec, n).shape
+
+
+def test_candidates_divide_the_model_and_keep_tensor_in_a_node():
+    model = spmd.get_model("gpt-tiny", TINY)  # 8 heads, 4 kv heads
+    h100 = cost.get_hardware("h100")
+    cands, rejected = planner.enumerate_candidates(model, 8, h100, 8, ["none"], [1])
+    specs = {c.spec for c in cands}
+    assert {"data=8", "fsdp=8", "data=2,tensor=4", "fsdp=4,tensor=2"} <= specs
+    assert "tensor=8" not in specs
+    assert any("kv_heads=4 is not divisible by tensor=8" in why for _, why in rejected)
+    assert all(sizes(c.spec, 8)["tensor"] <= 8 for c in cands)
+    with pytest.raises(SpmdError, match="does not fit in one h100 node of 8 devices"):
+        big = spmd.get_model("llama-7b")
+        planner.check_candidate(big, sizes("data=2,tensor=16", 32), 32, 1, h100)
+    with pytest.raises(SpmdError, match="batch=4 is not divisible by fsdp=8"):
+        planner.check_candidate(model, sizes("fsdp=8", 8), 4, 1, h100)
+
+
+def test_picks_data_parallel_for_a_tiny_model():
+    plan = planner.plan(
+        "gpt-tiny",
+        8,
+        "h100",
+        batch=8,
+        seq=32,
+        overrides=TINY,
+        remats=("none",),
+        grad_accums=(1,),
+        compile_top=2,
+        progress=False,
+    )
+    assert plan.method == "compiled"
+    assert plan.best.candidate.spec == "data=8"
+    assert plan.n_compiled >= 1 and plan.best.fits
+    # The compile is cached: asking again does not compile.
+    c = plan.best.candidate
+    model = report.build_model("gpt-tiny", TINY, "none", "float32", 32)
+    _, cached = planner.compiled_stats(model, c, 8, 32)
+    assert cached
+
+
+def test_refuses_pure_dp_for_llama_7b_on_8_h100():
+    model = spmd.get_model("llama-7b")
+    h100 = cost.get_hardware("h100")
+    cands, _ = planner.enumerate_candidates(model, 8, h100, 8, planner.REMATS, [1, 2])
+    dp = [c for c in cands if c.spec == "data=8"]
+    assert dp  # DP divides the model; memory is what rules it out
+    for c in dp:
+        mem, _ = planner.analytic_estimate(model, c, 8, 128, h100, "float32")
+        # float32 parameters, two Adam moments and the gradients: 16 bytes x 6.7B
+        assert mem > 16 * 6.7e9 > h100.capacity_bytes
+    plan = planner.plan("llama-7b", 8, "h100", method="analytic", progress=False)
+    assert plan.method == "analytic"
+    assert all(s.candidate.spec != "data=8" for s in plan.ranked)
+    best = sizes(plan.best.candidate.spec, 8)
+    assert plan.best.fits and (best["fsdp"] > 1 or best["tensor"] > 1)
+
+
+def test_a_model_that_fits_no_plan():
+    with pytest.raises(SpmdError, match="llama-70b fits no plan on 8 x h100"):
+        planner.plan("llama-70b", 8, "h100", progress=False)
+    out = run_spmd("plan", "--model", "llama-70b", "--devices", "8", "--hardware", "h100")
+    assert out.returncode == 2
+    assert len(out.stderr.strip().splitlines()) == 1 and "fits no plan" in out.stderr
+
+
+def test_beyond_the_simulation_limit_the_estimate_decides():
+    plan = planner.plan("llama-70b", 1024, "h100", progress=False)
+    assert plan.method == "analytic" and plan.n_compiled == 0
+    best = plan.best
+    assert best.fits and best.memory_bytes <= cost.get_hardware("h100").capacity_bytes
+    assert sizes(best.candidate.spec, 1024)["tensor"] <= 8
+    assert set(plan.to_json(3)) >= {"mesh", "method", "top"}
+
+
+def test_axis_groups_follow_mesh_order():
+    s = {a: 1 for a in MESH_AXES} | {"data": 2, "fsdp": 2, "tensor": 2}
+    assert planner.axis_group(s, ("tensor",)) == (0, 1)
+    assert planner.axis_group(s, ("fsdp",)) == (0, 2)
+    assert planner.axis_group(s, ("data", "fsdp")) == (0, 2, 4, 6)
+
+
+def test_train_mesh_auto_uses_the_planner():
+    spec = planner.plan_mesh_for_train(
+        "gpt-tiny", {"n_layers": 1}, 8, 16, "none", 1, "float32", compile_top=1
+    )
+    assert spmd.parse_mesh(spec, 8).size == 8
