@@ -140,9 +140,24 @@ def to_markdown(rows: list[dict], rho: float, title: str) -> str:
         "`cpu` profile gives each of the 8 simulated devices 1/8 of the host's measured FLOP/s",
         "and memory bandwidth, since they share its cores: predictions are wall times.",
         "Measured: the fastest of several round-robin steps per layout (the machine is shared).",
+        *_close_calls(rows),
         "",
     ]
     return "\n".join(lines)
+
+
+def _close_calls(rows: list[dict]) -> list[str]:
+    """Neighbours in measured time that are within 5%: their order is run-to-run noise."""
+    by_time = sorted(rows, key=lambda r: r["measured_s"])
+    close = [
+        f"{a['layout']}/{b['layout']}"
+        for a, b in zip(by_time, by_time[1:], strict=False)
+        if b["measured_s"] < 1.05 * a["measured_s"]
+    ]
+    if not close:
+        return []
+    return [f"Measured within 5% of each other (their order can flip between runs): "
+            f"{', '.join(close)}."]  # fmt: skip
 
 
 def plot(rows: list[dict], rho: float, path: Path) -> None:

@@ -88,16 +88,18 @@ class Hardware:
 #  tpu-v5p: cloud.google.com/tpu/docs/v5p: 459 TFLOP/s bf16, 95 GB HBM2e at 2,765 GB/s,
 #        ICI 1,200 GB/s bidirectional per chip (600 one way), 8,960-chip pods, DCN 50 Gb/s
 #        per chip.
-#  cpu:  one simulated XLA:CPU device on this 2-core development machine: ~24 GFLOP/s
-#        measured for a 1024^3 float32 matmul in XLA, ~2.7 GB/s measured for a streaming
-#        elementwise op; "links" are memory copies. All simulated devices share the same
-#        cores and RAM, so wall time is about N x the per-device prediction on N devices.
+#  cpu:  this 2-core development VM, measured with XLA on an idle machine (best of 20): a
+#        1024^3 float32 matmul at ~85 GFLOP/s, a 256 MB elementwise op at ~8 GB/s; an
+#        all-reduce across 8 simulated devices at ~30 us per ring step and ~1 GB/s (4 MB in
+#        ~5.7 ms, wall time). Simulated devices share the host's cores and memory, so each
+#        gets 1/N of its FLOP/s and bandwidth (`shared_host`), and predictions are the
+#        simulation's wall time.
 # For TPUs a "node" is the ICI domain (the pod): any axis inside a pod uses ICI.
 HARDWARE: dict[str, Hardware] = {
     h.name: h
     for h in (
-        Hardware("cpu", "simulated XLA:CPU device (2-core laptop)", 24e9, 16 * GB, 2.7 * GB,
-                 5 * GB, 5 * GB, 1024, 20e-6, 20e-6, overlaps_comm=False,
+        Hardware("cpu", "simulated XLA:CPU devices sharing a 2-core host", 85e9, 16 * GB,
+                 8 * GB, 1 * GB, 1 * GB, 1024, 30e-6, 30e-6, overlaps_comm=False,
                  memory_in_roofline=True, shared_host=True),
         Hardware("a100", "NVIDIA A100 SXM4 80GB", 312e12, 80 * GB, 2039 * GB,
                  300 * GB, 25 * GB, 8),

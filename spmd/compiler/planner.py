@@ -369,14 +369,49 @@ def plan(
 ) -> Plan:
     t0 = time.perf_counter()
     hw = cost.get_hardware(hardware)
-    base = report.build_model(model_name, overrides, "none", dtype, seq)
     batch = batch or report.default_batch(devices)
     grad_accums = grad_accums or [ga for ga in (1, 2, 4, 8) if batch % ga == 0]
-    cands, rejected = enumerate_candidates(base, devices, hw, batch, remats, grad_accums, rules)
+    models = {r: report.build_model(model_name, overrides, r, dtype, seq) for r in remats}
+    cands, rejected = enumerate_candidates(
+        models[remats[0]], devices, hw, batch, remats, grad_accums, rules
+    )
     if not cands:
         why = rejected[0][1] if rejected else "no factorisation"
         raise SpmdError(f"no layout of {devices} devices can run {model_name}: {why}")
-    models = {r: report.build_model(model_name, overrides, r, dtype, seq) for r in remats}
+    fitting = _prefilter(model_name, models, cands, batch, seq, hw, dtype, rules)
+    calib = _Calibration(models, rules)
+    compiled: list[Scored] = []
+    why = _why_not_compile(method, devices)
+    if not why:
+        if progress:
+            print(f"{model_name} on {devices} x {hw.name}: {len(cands)} candidates, "
+                  f"{len(fitting)} fit the analytic estimate; compiling the most promising",
+                  file=sys.stderr, flush=True)  # fmt: skip
+        compiled = _compile_best(
+            fitting, batch, seq, hw, calib, compile_top, max_compiles, use_cache, progress
+        )
+        why = f"compiled the {len(compiled)} best of the analytic ranking"
+    ranked = sorted((s for s in compiled if s.fits), key=_rank_key)
+    if compiled and not ranked:
+        smallest = min(s.memory_bytes for s in compiled) / 1e9
+        raise SpmdError(
+            f"{model_name} fits no plan on {devices} x {hw.name}: none of the {len(compiled)} "
+            f"most promising layouts fits once compiled (smallest: {smallest:,.1f} GB/device)"
+        )
+    seen = {s.candidate for s in compiled}
+    ranked += [
+        Scored(c, "analytic", mem, True, pred)
+        for c, mem, pred in fitting
+        if c not in seen and calib.corrected(c, mem) <= hw.capacity_bytes
+    ]
+    if not ranked:
+        raise SpmdError(f"{model_name} fits no plan on {devices} x {hw.name}")
+    return Plan(model_name, devices, hw, batch, seq, ranked[0].method, why, ranked, len(cands),
+                len(fitting), len(compiled), time.perf_counter() - t0)  # fmt: skip
+
+
+def _prefilter(model_name, models, cands, batch, seq, hw, dtype, rules):
+    """The candidates the analytic estimate puts within memory (with slack), fastest first."""
     estimates = [
         (c, *analytic_estimate(models[c.remat], c, batch, seq, hw, dtype, rules)) for c in cands
     ]
@@ -384,55 +419,13 @@ def plan(
     if not fitting:
         c, mem, _ = min(estimates, key=lambda e: e[1])
         raise SpmdError(
-            f"{model_name} fits no plan on {devices} x {hw.name}: the smallest layout "
-            f"({c.label()}) needs about {mem / 1e9:,.1f} GB per device, and a {hw.name} has "
-            f"{hw.hbm_bytes / 1e9:,.0f} GB; use more devices or a smaller --batch/--seq"
+            f"{model_name} fits no plan on {math.prod(c.sizes.values())} x "
+            f"{hw.name}: the smallest layout ({c.label()}) needs about {mem / 1e9:,.1f} GB per "
+            f"device, and a {hw.name} has {hw.hbm_bytes / 1e9:,.0f} GB; use more devices or "
+            "a smaller --batch/--seq"
         )
-    fitting.sort(key=lambda e: (round(e[2].step_time_s, 9), e[2].flops_s, e[1]))
-    analytic = [
-        Scored(c, "analytic", mem, mem <= hw.capacity_bytes, pred) for c, mem, pred in fitting
-    ]
-    compiled: list[Scored] = []
-    why = _why_not_compile(method, devices)
-    if not why:
-        if progress:
-            print(
-                f"{model_name} on {devices} x {hw.name}: {len(cands)} candidates, "
-                f"{len(fitting)} fit the analytic estimate; compiling the most promising on "
-                f"{devices} simulated devices",
-                file=sys.stderr,
-                flush=True,
-            )
-        compiled = _compile_best(
-            models, fitting, batch, seq, hw, rules, compile_top, max_compiles, use_cache, progress
-        )
-    good = sorted((s for s in compiled if s.fits), key=_rank_key)
-    if compiled and not good:
-        raise SpmdError(
-            f"{model_name} fits no plan on {devices} x {hw.name}: none of the "
-            f"{len(compiled)} most promising layouts fits once compiled (smallest: "
-            f"{min(s.memory_bytes for s in compiled) / 1e9:,.1f} GB per device)"
-        )
-    seen = {s.candidate for s in compiled}
-    rest = [s for s in analytic if s.fits and s.candidate not in seen]
-    ranked = good + rest
-    if not ranked:
-        raise SpmdError(f"{model_name} fits no plan on {devices} x {hw.name}")
-    why = why or f"compiled the {len(compiled)} best of the analytic ranking"
-    return Plan(
-        model_name,
-        devices,
-        hw,
-        batch,
-        seq,
-        ranked[0].method,
-        why,
-        ranked,
-        len(cands),
-        len(fitting),
-        len(compiled),
-        time.perf_counter() - t0,
-    )
+    # Fastest first; among equals, the one that recomputes least, then the smallest.
+    return sorted(fitting, key=lambda e: (round(e[2].step_time_s, 9), e[2].flops_s, e[1]))
 
 
 def _rank_key(s: Scored):
@@ -459,23 +452,49 @@ def _why_not_compile(method: str, devices: int) -> str:
     return ""
 
 
-def _compile_best(models, fitting, batch, seq, hw, rules, want, max_compiles, use_cache, progress):
+class _Calibration:
+    """Scales the analytic activation memory by the worst compiled/estimated ratio seen."""
+
+    def __init__(self, models, rules):
+        self.models, self.rules, self.ratio = models, rules, 1.0
+
+    def state(self, c: Candidate) -> float:
+        # float32 parameters, two Adam moments and the gradients: exact, never scaled
+        return 4 * _param_bytes(self.models[c.remat], c.sizes, self.rules)
+
+    def corrected(self, c: Candidate, estimate: float) -> float:
+        state = self.state(c)
+        return state + max(estimate - state, 0.0) * self.ratio
+
+    def update(self, c: Candidate, estimate: float, compiled: float) -> None:
+        state = self.state(c)
+        self.ratio = max(self.ratio, (compiled - state) / max(estimate - state, 1.0))
+
+
+def _compile_best(fitting, batch, seq, hw, calib, want, max_compiles, use_cache, progress):
+    """Compile candidates in analytic order until `want` fit or `max_compiles` ran. Each
+    compile calibrates the analytic memory model, and a candidate whose calibrated estimate
+    exceeds memory is skipped unbuilt."""
     out: list[Scored] = []
-    todo = [c for c, _, _ in fitting][:max_compiles]
-    for i, c in enumerate(todo, 1):
-        if sum(s.fits for s in out) >= want:
+    for c, estimate, _ in fitting:
+        if sum(s.fits for s in out) >= want or len(out) >= max_compiles:
             break
+        # Before any compile the estimate gets some slack; after, it is calibrated instead.
+        limit = hw.capacity_bytes * (1.0 if out else ANALYTIC_SLACK)
+        if calib.corrected(c, estimate) > limit:
+            continue
         if progress:
-            print(
-                f"  compiling {i}/{len(todo)}: {c.label()} ...", end="", file=sys.stderr, flush=True
-            )
+            print(f"  compiling {len(out) + 1}/{max_compiles} (at most): {c.label()} ...",
+                  end="", file=sys.stderr, flush=True)  # fmt: skip
         t = time.perf_counter()
-        stats, cached = compiled_stats(models[c.remat], c, batch, seq, rules, use_cache)
+        model = calib.models[c.remat]
+        stats, cached = compiled_stats(model, c, batch, seq, calib.rules, use_cache)
         rep = report.make_report(
-            models[c.remat], abstract_mesh(c.sizes), batch, seq, c.grad_accum, hw, stats, rules
+            model, abstract_mesh(c.sizes), batch, seq, c.grad_accum, hw, stats, calib.rules
         )
         s = Scored(c, "compiled", stats.memory["total_bytes"], rep.fits, rep.prediction, rep)
         out.append(s)
+        calib.update(c, estimate, s.memory_bytes)
         if progress:
             how = "cached" if cached else f"{time.perf_counter() - t:.0f}s"
             verdict = "fits" if s.fits else "does not fit"
