@@ -1,0 +1,1 @@
+"""The compiler report (`spmd explain`) and the automatic planner (`spmd plan`)."""

@@ -156,14 +156,13 @@ class Collective:
             "n_groups": self.n_groups,
             "axes": list(self.axes),
             "group": list(self.group),
+            "computation": self.computation,
         }
 
     @classmethod
     def from_json(cls, d: Mapping) -> Collective:
-        return cls(
-            d["name"], d["kind"], d["raw_kind"], d["count"], d["operand_bytes"],
-            d["result_bytes"], d["group_size"], d["n_groups"], tuple(d["axes"]), tuple(d["group"]),
-        )  # fmt: skip
+        kw = {f.name: d[f.name] for f in dataclasses.fields(cls) if f.name in d}
+        return cls(**kw | {"axes": tuple(d["axes"]), "group": tuple(d["group"])})
 
 
 # --- Parsing -------------------------------------------------------------------------------
@@ -448,45 +447,43 @@ def collectives(module: Module | str, mesh_shape: Mapping[str, int]) -> list[Col
         comp = module.computations[comp_name]
         for ins in comp.instrs:
             kind = _OPCODE_KIND.get(ins.opcode)
-            if kind is None:
-                continue
-            if kind == "collective-permute":
-                groups = permute_groups(ins.attrs)
-            else:
-                groups = parse_replica_groups(replica_groups_text(ins.attrs), n_devices)
-            axes = axes_crossed(groups, mesh_shape)
-            size = max(len(g) for g in groups)
-            operand_shapes = [_value_shape(comp, o) for o in ins.operands]
-            elements = [sum((array_shapes(s) for s in operand_shapes), [])][0]
-            base = dict(
-                name=ins.name, raw_kind=kind, count=mult, group_size=size, n_groups=len(groups),
-                axes=axes, group=tuple(sorted(groups[0])), computation=comp_name,
-            )  # fmt: skip
-            operand_bytes = sum(shape_bytes(s) for s in operand_shapes)
-            result_bytes = _result_bytes(ins, kind, operand_bytes, size)
-            if kind == "all-reduce" and size > 1:
-                scattered = _scattered_elements(module, comp, ins, len(elements), size)
-                if scattered:
-                    sb = int(
-                        sum(
-                            _dtype_bytes(elements[i][0]) * math.prod(elements[i][1])
-                            for i in scattered
-                        )
-                    )
-                    out.append(
-                        Collective(
-                            kind="reduce-scatter", operand_bytes=sb, result_bytes=sb // size, **base
-                        )
-                    )
-                    operand_bytes -= sb
-                    result_bytes -= sb
-                    if len(scattered) == len(elements):
-                        continue
-            out.append(
-                Collective(
-                    kind=kind, operand_bytes=operand_bytes, result_bytes=result_bytes, **base
-                )
-            )
+            if kind is not None:
+                out += _collective(module, comp, ins, kind, mult, mesh_shape, n_devices)
+    return out
+
+
+def _collective(module, comp, ins, kind, mult, mesh_shape, n_devices) -> list[Collective]:
+    if kind == "collective-permute":
+        groups = permute_groups(ins.attrs)
+    else:
+        groups = parse_replica_groups(replica_groups_text(ins.attrs), n_devices)
+    size = max(len(g) for g in groups)
+    base = {
+        "name": ins.name,
+        "raw_kind": kind,
+        "count": mult,
+        "group_size": size,
+        "n_groups": len(groups),
+        "axes": axes_crossed(groups, mesh_shape),
+        "group": tuple(sorted(groups[0])),
+        "computation": comp.name,
+    }
+    arrays = [a for o in ins.operands for a in array_shapes(_value_shape(comp, o))]
+    operand_bytes = int(sum(_dtype_bytes(dt) * math.prod(dims) for dt, dims in arrays))
+    result_bytes = _result_bytes(ins, kind, operand_bytes, size)
+    scattered = []
+    if kind == "all-reduce" and size > 1:
+        scattered = _scattered_elements(module, comp, ins, len(arrays))
+    if not scattered:
+        return [
+            Collective(kind=kind, operand_bytes=operand_bytes, result_bytes=result_bytes, **base)
+        ]
+    # Report the sliced elements as the reduce-scatter a GPU/TPU runs; the rest stays.
+    sb = int(sum(_dtype_bytes(arrays[i][0]) * math.prod(arrays[i][1]) for i in scattered))
+    out = [Collective(kind="reduce-scatter", operand_bytes=sb, result_bytes=sb // size, **base)]
+    if len(scattered) < len(arrays):
+        rest_bytes = operand_bytes - sb
+        out.append(Collective(kind=kind, operand_bytes=rest_bytes, result_bytes=rest_bytes, **base))
     return out
 
 
@@ -503,10 +500,8 @@ def _result_bytes(ins: Instr, kind: str, operand_bytes: int, size: int) -> int:
     return int(operand_bytes * scale)
 
 
-def _scattered_elements(
-    module: Module, comp: Computation, ins: Instr, n: int, size: int
-) -> list[int]:
-    """Tuple indices of an all-reduce whose reduced value is only ever dynamic-sliced to <1/1."""
+def _scattered_elements(module: Module, comp: Computation, ins: Instr, n: int) -> list[int]:
+    """Tuple indices of an all-reduce whose reduced value is only ever dynamic-sliced."""
     if n == 1 and not ins.shape.startswith("("):
         full = shape_elements(ins.shape)
         return [0] if _only_sliced(module, comp, ins.name, full) else []

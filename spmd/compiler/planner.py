@@ -6,7 +6,8 @@
 2. Pre-filter analytically: per-device memory (exact parameter/optimizer shards plus an
    activation model) and a roofline step time with ring-cost communication. Cheap.
 3. Compile the best few ahead of time on simulated devices (as `spmd explain` does), drop
-   those whose compiled program does not fit, rank the rest by predicted step time.
+   those whose compiled program does not fit, rank the rest by predicted step time. Each
+   compile calibrates the activation-memory estimate for the candidates still to come.
    Compiles are cached on disk (`$SPMD_CACHE_DIR`, default ~/.cache/spmd).
 Beyond `SIMULATION_LIMIT` devices (or when JAX runs on a different device count) step 3 is
 skipped and the analytic estimate decides; every result says which method produced it.

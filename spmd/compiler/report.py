@@ -16,7 +16,6 @@ import dataclasses
 import json
 import math
 import time
-from collections import defaultdict
 from collections.abc import Mapping
 
 import jax
@@ -357,15 +356,6 @@ def _json_default(x):
     if isinstance(x, set | tuple):
         return list(x)
     raise TypeError(type(x))
-
-
-def axis_bytes(collectives, kind: str) -> dict[tuple, float]:
-    """Total bytes per step of one kind of collective, by the mesh axes it crosses."""
-    out: dict[tuple, float] = defaultdict(float)
-    for c in collectives:
-        if c.kind == kind:
-            out[c.axes] += c.total_bytes
-    return dict(out)
 
 
 # --- Text ----------------------------------------------------------------------------------
