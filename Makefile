@@ -29,7 +29,7 @@ lint: $(STAMP)
 train: $(STAMP)
 	rm -rf runs/train/ckpt
 	$(VENV)/bin/spmd train --model gpt-small --devices 8 --mesh fsdp=4,tensor=2 \
-		--steps 150 --batch 16 --seq 128 --lr 3e-3 --metrics-file runs/train/metrics.jsonl \
+		--steps 100 --batch 16 --seq 128 --lr 3e-3 --metrics-file runs/train/metrics.jsonl \
 		--ckpt-dir runs/train/ckpt --ckpt-every 50
 
 seed: $(STAMP)

@@ -25,7 +25,11 @@ def run_spmd(*args: str, timeout: float = 300, env: dict | None = None, cwd: str
     """Run `spmd ARGS...` in a fresh interpreter; returns the CompletedProcess (text)."""
     return subprocess.run(
         [sys.executable, "-m", "spmd.cli", *args],
-        capture_output=True, text=True, timeout=timeout, env=spmd_env(env), cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=spmd_env(env),
+        cwd=cwd,
     )
 
 
