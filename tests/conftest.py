@@ -36,3 +36,13 @@ def run_spmd(*args: str, timeout: float = 300, env: dict | None = None, cwd: str
 @pytest.fixture
 def spmd_cli():
     return run_spmd
+
+
+@pytest.fixture(scope="session")
+def env(tmp_path_factory):
+    """Extra environment for spmd subprocesses: one persistent JAX compilation cache for the
+    whole session, so a program that several tests run compiles only once."""
+    return {
+        "JAX_COMPILATION_CACHE_DIR": str(tmp_path_factory.getbasetemp() / "jax-cache"),
+        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+    }

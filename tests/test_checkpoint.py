@@ -174,18 +174,15 @@ def test_checkpoint_info_command(saved, tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_ckpt_cost_experiment_runs_tiny(tmp_path_factory, tmp_path):
+def test_ckpt_cost_experiment_runs_tiny(tmp_path, env):
     (tmp_path / "d.txt").write_text("".join(f"line {i} of text\n" for i in range(3000)))
     out = tmp_path / "r.json"
-    cache = tmp_path_factory.getbasetemp() / "jax-cache"  # shared with test_cli_smoke
-    env = spmd_env({"JAX_COMPILATION_CACHE_DIR": str(cache),
-                    "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"})  # fmt: skip
     done = subprocess.run(
         [sys.executable, "-m", "experiments.ckpt_cost", "--model", "gpt-tiny", "--set",
          "n_layers=1,d_model=64", "--mesh", "fsdp=2", "--devices", "2", "--steps", "6",
          "--every", "2", "--batch", "4", "--seq", "32", "--data", str(tmp_path / "d.txt"),
          "--out", str(out)],
-        capture_output=True, text=True, env=env, timeout=600,
+        capture_output=True, text=True, env=spmd_env(env), timeout=600,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     results = {r["mode"]: r for r in json.loads(out.read_text())["results"]}

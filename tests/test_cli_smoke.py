@@ -3,11 +3,8 @@ import json
 from conftest import run_spmd
 
 
-def test_train_runs_and_writes_metrics(tmp_path_factory, tmp_path):
+def test_train_runs_and_writes_metrics(tmp_path, env):
     # The same program as the bench-ckpt test's, so the shared compilation cache serves both.
-    cache = tmp_path_factory.getbasetemp() / "jax-cache"
-    env = {"JAX_COMPILATION_CACHE_DIR": str(cache),
-           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}  # fmt: skip
     data = tmp_path / "d.txt"
     data.write_text("".join(f"line {i} of text\n" for i in range(3000)))
     metrics = tmp_path / "m.jsonl"
