@@ -15,7 +15,9 @@ restore that fails falls back to the previous step with a warning.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -219,11 +221,27 @@ def _restore_items(ckpt_dir: str, step: int, **targets) -> dict:
     """Restore array items into abstract targets (whose shardings say where each slice goes)."""
     ocp = _ocp()
     args = {k: ocp.args.StandardRestore(v) for k, v in targets.items()}
-    with ocp.CheckpointManager(
-        str(Path(ckpt_dir).absolute()), options=ocp.CheckpointManagerOptions(read_only=True)
-    ) as manager:
+    with (
+        _quiet_read_only_notices(),
+        ocp.CheckpointManager(
+            str(Path(ckpt_dir).absolute()), options=ocp.CheckpointManagerOptions(read_only=True)
+        ) as manager,
+    ):
         restored = manager.restore(step, args=ocp.args.Composite(**args))
     return {k: restored[k] for k in targets}
+
+
+@contextlib.contextmanager
+def _quiet_read_only_notices():
+    """orbax logs three absl warnings for every read-only manager, which is what we asked
+    for; they would reach every `spmd generate` user as noise."""
+    absl = logging.getLogger("absl")
+    level = absl.level
+    absl.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        absl.setLevel(level)
 
 
 def restore_train_state(ckpt_dir: str, abstract_state, step: int | None = None):
