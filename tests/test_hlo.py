@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 
 from spmd.compiler import hlo
+from spmd.compiler.program_cost import program_cost
 from spmd.mesh import MESH_AXES
 
 FIXTURES = Path(__file__).parent / "fixtures" / "hlo"
@@ -86,7 +87,7 @@ def test_scan_step_loops_and_cpu_reduce_scatter_pattern():
 
 
 def test_program_cost_counts_loop_iterations():
-    cost = hlo.program_cost((FIXTURES / "fsdp_tp_scan_step.hlo").read_text())
+    cost = program_cost((FIXTURES / "fsdp_tp_scan_step.hlo").read_text())
     assert cost.dot_flops > cost.dot_flops_once > 0
     assert cost.bytes_accessed > cost.bytes_accessed_once > 0
 

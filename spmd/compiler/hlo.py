@@ -4,14 +4,8 @@
 parses it just enough to answer: which collectives run, how many times per step (loop trip
 counts applied), how many bytes each moves, and which mesh axes each one crosses.
 
-Replica groups come in three printed forms, all handled by `parse_replica_groups`:
-  explicit  `{{0,2},{1,3}}`
-  iota      `[2,2]<=[2,2]T(1,0)`: iota(4).reshape(2,2).transpose(1,0).reshape(2,2) -> groups
-  mesh      `mesh['a'=2,'b'=2], device_ids=([2,2]T(1,0)) {'a'}`: the devices laid out on a
-            (possibly permuted) mesh of XLA's own axes; groups run along the listed axes.
-Group members are logical device ids: positions in the program's device assignment, which
-for a `jax.sharding.Mesh` is `mesh.devices` flattened. So a group crosses the spmd mesh axes
-along which its members' coordinates differ.
+Replica groups, in their three printed forms, are parsed in `replica_groups.py`; matmul
+FLOPs and bytes accessed of the whole program are counted in `program_cost.py`.
 
 XLA:CPU has no reduce-scatter pass: a reduce-scatter is compiled to an all-reduce whose
 result feeds only dynamic-slices of 1/k of it. `collectives()` reports that pattern as the
@@ -24,9 +18,16 @@ import dataclasses
 import math
 import re
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 
-import numpy as np
+from spmd.compiler.replica_groups import (  # noqa: F401  (parse_replica_groups is re-exported)
+    _balanced,
+    _split_top,
+    axes_crossed,
+    parse_replica_groups,
+    permute_groups,
+    replica_groups_text,
+)
 
 KINDS = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
 _OPCODE_KIND = {
@@ -220,35 +221,6 @@ def _operand_name(text: str) -> str:
     return names[-1] if names else text  # parameter(0) keeps "0"
 
 
-def _balanced(s: str, start: int, open_: str, close: str) -> int:
-    depth = 0
-    for i in range(start, len(s)):
-        if s[i] == open_:
-            depth += 1
-        elif s[i] == close:
-            depth -= 1
-            if depth == 0:
-                return i
-    return len(s) - 1
-
-
-def _split_top(s: str) -> list[str]:
-    parts, depth, cur = [], 0, []
-    for ch in s:
-        if ch in "([{":
-            depth += 1
-        elif ch in ")]}":
-            depth -= 1
-        if ch == "," and depth == 0:
-            parts.append("".join(cur))
-            cur = []
-        else:
-            cur.append(ch)
-    if "".join(cur).strip():
-        parts.append("".join(cur))
-    return parts
-
-
 def array_shapes(shape: str) -> list[tuple[str, tuple[int, ...]]]:
     """`(f32[2,3]{1,0}, s32[])` -> [("f32", (2, 3)), ("s32", ())]."""
     return [
@@ -286,153 +258,6 @@ def _branches(attrs: str) -> list[str]:
     if m:
         return [b.strip().lstrip("%") for b in m.group(1).split(",")]
     return [c for k in ("true_computation", "false_computation") if (c := _attr_comp(attrs, k))]
-
-
-# --- Replica groups ------------------------------------------------------------------------
-
-_IOTA = r"\[[\d,]+\]<=\[[\d,]+\](?:T\([\d,]+\))?"
-_MESH = r"mesh\[[^\]]*\](?:,\s*device_ids=\((?:[^()]|\([^()]*\))*\))?\s*\{[^}]*\}"
-
-
-def replica_groups_text(attrs: str) -> str | None:
-    """The replica_groups value of an instruction's attributes, in whichever form it has."""
-    m = re.search(r"replica_groups=", attrs)
-    if not m:
-        return None
-    rest = attrs[m.end() :]
-    if rest.startswith("{"):
-        return rest[: _balanced(rest, 0, "{", "}") + 1]
-    for pattern in (_IOTA, _MESH):
-        mm = re.match(pattern, rest)
-        if mm:
-            return mm.group(0)
-    return rest.split(", ")[0]
-
-
-def parse_replica_groups(text: str | None, n_devices: int) -> list[list[int]]:
-    """Device-id groups from any of XLA's three printed forms. `{}` means one group of all."""
-    text = (text or "").strip()
-    if not text or text == "{}":
-        return [list(range(n_devices))]
-    if text.startswith("{"):
-        return [
-            [int(x) for x in g.split(",") if x.strip()]
-            for g in re.findall(r"\{([\d,\s]*)\}", text[1:-1])
-        ]
-    if text.startswith("["):
-        return _iota_groups(text)
-    if text.startswith("mesh"):
-        return _mesh_groups(text)
-    raise ValueError(f"unrecognised replica groups {text!r}")
-
-
-def _iota_array(dims: Sequence[int], perm: Sequence[int] | None) -> np.ndarray:
-    arr = np.arange(math.prod(dims)).reshape(dims)
-    return arr.transpose(perm) if perm else arr
-
-
-def _ints(s: str) -> list[int]:
-    return [int(x) for x in s.split(",") if x.strip()]
-
-
-def _iota_groups(text: str) -> list[list[int]]:
-    m = re.fullmatch(r"\[([\d,]+)\]<=\[([\d,]+)\](?:T\(([\d,]+)\))?", text)
-    if not m:
-        raise ValueError(f"unrecognised iota replica groups {text!r}")
-    shape = _ints(m.group(1))
-    arr = _iota_array(_ints(m.group(2)), _ints(m.group(3)) if m.group(3) else None)
-    return arr.reshape(shape[0], -1).tolist()
-
-
-def _mesh_groups(text: str) -> list[list[int]]:
-    m = re.fullmatch(
-        r"mesh\[([^\]]*)\](?:,\s*device_ids=\(((?:[^()]|\([^()]*\))*)\))?\s*\{([^}]*)\}", text
-    )
-    if not m:
-        raise ValueError(f"unrecognised mesh replica groups {text!r}")
-    names, sizes = [], []
-    for part in _split_top(m.group(1)):
-        name, _, size = part.rpartition("=")
-        names.append(name.strip().strip("'\""))
-        sizes.append(int(size))
-    devices = _device_ids(m.group(2), sizes)
-    # Split each mesh dimension into the pieces its sub-axes (`'a':(pre)size`) name.
-    refs: dict[int, list[tuple[int, int]]] = defaultdict(list)  # dim -> [(pre, size)]
-    order = []
-    for ref in filter(None, (r.strip() for r in m.group(3).split(","))):
-        mm = re.fullmatch(r"['\"]?([^'\":]+)['\"]?(?::\((\d+)\)(\d+))?", ref)
-        dim = names.index(mm.group(1))
-        pre, size = (int(mm.group(2)), int(mm.group(3))) if mm.group(2) else (1, sizes[dim])
-        refs[dim].append((pre, size))
-        order.append((dim, pre))
-    split_dims, grouped = [], []
-    for dim, full in enumerate(sizes):
-        pieces, prefix = [], 1
-        for pre, size in sorted(refs.get(dim, [])):
-            if pre != prefix:
-                pieces.append((pre // prefix, False))
-                prefix = pre
-            pieces.append((size, True))
-            prefix *= size
-        if prefix != full or not pieces:
-            pieces.append((full // prefix, False))
-        for size, is_grouped in pieces:
-            if is_grouped:
-                grouped.append(len(split_dims))
-            split_dims.append(size)
-    arr = devices.reshape(split_dims)
-    rest = [d for d in range(arr.ndim) if d not in grouped]
-    group_size = math.prod(split_dims[d] for d in grouped)
-    return arr.transpose(rest + grouped).reshape(-1, group_size).tolist()
-
-
-def _device_ids(text: str | None, sizes: Sequence[int]) -> np.ndarray:
-    n = math.prod(sizes)
-    if not text:
-        return np.arange(n)
-    text = text.strip()
-    m = re.fullmatch(r"\[([\d,]+)\](?:T\(([\d,]+)\))?", text)
-    if m:
-        return _iota_array(_ints(m.group(1)), _ints(m.group(2)) if m.group(2) else None).reshape(-1)
-    m = re.fullmatch(r"\[([\d,]+)\]<=\[([\d,]+)\](?:T\(([\d,]+)\))?", text)
-    if m:
-        return _iota_array(_ints(m.group(2)), _ints(m.group(3)) if m.group(3) else None).reshape(-1)
-    ids = [int(x) for x in re.findall(r"\d+", text)]
-    return np.asarray(ids[-n:])
-
-
-def permute_groups(attrs: str) -> list[list[int]]:
-    """collective-permute: the connected components of its source->target pairs."""
-    m = re.search(r"source_target_pairs=(\{.*?\}\})", attrs)
-    pairs = re.findall(r"\{(\d+),(\d+)\}", m.group(1)) if m else []
-    parent: dict[int, int] = {}
-
-    def find(x):
-        parent.setdefault(x, x)
-        while parent[x] != x:
-            x = parent[x]
-        return x
-
-    for a, b in pairs:
-        parent[find(int(a))] = find(int(b))
-    comps: dict[int, list[int]] = defaultdict(list)
-    for x in list(parent):
-        comps[find(x)].append(x)
-    return [sorted(c) for c in comps.values()] or [[0]]
-
-
-def axes_crossed(groups: Sequence[Sequence[int]], mesh_shape: Mapping[str, int]) -> tuple[str, ...]:
-    """The mesh axes along which members of some group differ (ids in mesh.devices order)."""
-    names, sizes = list(mesh_shape), [int(s) for s in mesh_shape.values()]
-    n = math.prod(sizes)
-    crossed = set()
-    for g in groups:
-        ids = np.asarray([i for i in g if i < n])
-        if len(ids) < 2:
-            continue
-        coords = np.unravel_index(ids, sizes)
-        crossed.update(names[a] for a in range(len(names)) if len(set(coords[a].tolist())) > 1)
-    return tuple(a for a in names if a in crossed)
 
 
 # --- Collectives ---------------------------------------------------------------------------
@@ -543,97 +368,3 @@ def _only_sliced(module: Module, comp: Computation, name: str, full: int, depth:
         else:
             return False
     return True
-
-
-# --- FLOPs and bytes -----------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class ProgramCost:
-    """Matmul FLOPs and HBM bytes of the program, per device, loop trip counts applied."""
-
-    dot_flops: float  # every dot/convolution, counted as often as it runs
-    dot_flops_once: float  # the same, each computation counted once (XLA's convention)
-    bytes_accessed: float  # operands + results of every executed op, as often as it runs
-    bytes_accessed_once: float
-
-
-def program_cost(module: Module | str) -> ProgramCost:
-    module = parse_module(module) if isinstance(module, str) else module
-    dot_cache: dict[str, float] = {}
-    fusion_cache: dict[str, tuple[dict[int, float], float | None]] = {}
-    dots = dots_once = nbytes = nbytes_once = 0.0
-    for comp_name, mult in module.multiplicities().items():
-        comp = module.computations[comp_name]
-        f = sum(_instr_dot_flops(module, comp, i, dot_cache) for i in comp.instrs)
-        b = sum(_instr_bytes(module, comp, i, fusion_cache) for i in comp.instrs)
-        dots, dots_once = dots + mult * f, dots_once + f
-        nbytes, nbytes_once = nbytes + mult * b, nbytes_once + b
-    return ProgramCost(dots, dots_once, nbytes, nbytes_once)
-
-
-def _instr_dot_flops(module: Module, comp: Computation, ins: Instr, cache: dict) -> float:
-    if ins.opcode == "dot":
-        lhs = array_shapes(_value_shape(comp, ins.operands[0]))
-        m = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", ins.attrs)
-        if not lhs or not m:
-            return 0.0
-        contracted = math.prod(lhs[0][1][d] for d in _ints(m.group(1)))
-        return 2.0 * shape_elements(ins.shape) * contracted
-    if ins.opcode == "convolution":
-        rhs = array_shapes(_value_shape(comp, ins.operands[1]))
-        out = array_shapes(ins.shape)
-        if not rhs or not out:
-            return 0.0
-        # 2 * outputs * (kernel elements / output features)
-        out_features = out[0][1][-1] if out[0][1] else 1
-        return 2.0 * shape_elements(ins.shape) * math.prod(rhs[0][1]) / max(out_features, 1)
-    if ins.opcode == "fusion":
-        called = _attr_comp(ins.attrs, "calls")
-        if called not in cache:
-            fused = module.computations.get(called)
-            cache[called] = (
-                sum(_instr_dot_flops(module, fused, i, cache) for i in fused.instrs)
-                if fused
-                else 0.0
-            )
-        return cache[called]
-    return 0.0
-
-
-def _instr_bytes(module: Module, comp: Computation, ins: Instr, cache: dict) -> float:
-    """HBM bytes an op reads and writes. Slices read only the slice, and an in-place
-    dynamic-update-slice writes only the update (the stacked-layer buffers of a scan)."""
-    if ins.opcode in _NO_COST:
-        return 0.0
-    if ins.opcode == "dynamic-slice":
-        return 2.0 * shape_bytes(ins.shape)
-    if ins.opcode == "dynamic-update-slice":
-        return 2.0 * shape_bytes(_value_shape(comp, ins.operands[1]))
-    operands = [shape_bytes(_value_shape(comp, o)) for o in ins.operands]
-    result = shape_bytes(ins.shape)
-    if ins.opcode == "fusion":
-        called = _attr_comp(ins.attrs, "calls")
-        if called not in cache and called in module.computations:
-            cache[called] = _fusion_access(module.computations[called])
-        params, root = cache.get(called, ({}, None))
-        operands = [params.get(i, b) for i, b in enumerate(operands)]
-        result = result if root is None else root
-    return result + sum(operands)
-
-
-def _fusion_access(fused: Computation) -> tuple[dict[int, float], float | None]:
-    """Bytes read per parameter (when it is only sliced or updated in place) and bytes
-    written (when the root is an in-place dynamic-update-slice)."""
-    params: dict[int, float] = {}
-    for pos, name in fused.params.items():
-        uses = fused.users.get(name, [])
-        if uses and all(u.opcode == "dynamic-slice" and p == 0 for u, p in uses):
-            params[pos] = sum(shape_bytes(u.shape) for u, _ in uses)
-        elif uses and all(u.opcode == "dynamic-update-slice" and p == 0 for u, p in uses):
-            params[pos] = 0.0
-    root = fused.by_name.get(fused.root)
-    written = None
-    if root is not None and root.opcode == "dynamic-update-slice":
-        written = shape_bytes(_value_shape(fused, root.operands[1]))
-    return params, written

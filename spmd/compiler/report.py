@@ -23,6 +23,7 @@ import numpy as np
 
 from spmd import params as P
 from spmd.compiler import cost, hlo
+from spmd.compiler.program_cost import program_cost
 from spmd.errors import SpmdError
 from spmd.mesh import MESH_AXES, make_mesh, mesh_shape
 from spmd.models import Model, get_model
@@ -115,7 +116,7 @@ def stats_from_compiled(
         with open(hlo_path, "w") as f:
             f.write(text)
     module = hlo.parse_module(text)
-    program = hlo.program_cost(module)
+    program = program_cost(module)
     xla = _cost_analysis(compiled)
     # XLA counts each loop body once; add the other iterations' matmuls and bytes.
     flops = xla.get("flops", 0.0) + program.dot_flops - program.dot_flops_once
