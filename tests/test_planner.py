@@ -4,7 +4,7 @@ import pytest
 from conftest import run_spmd
 
 import spmd
-from spmd.compiler import cost, planner, report
+from spmd.compiler import analytic, cost, planner, report
 from spmd.errors import SpmdError
 from spmd.mesh import MESH_AXES
 
@@ -66,7 +66,7 @@ def test_refuses_pure_dp_for_llama_7b_on_8_h100():
     dp = [c for c in cands if c.spec == "data=8"]
     assert dp  # DP divides the model; memory is what rules it out
     for c in dp:
-        mem, _ = planner.analytic_estimate(model, c, 8, 128, h100, "float32")
+        mem, _ = analytic.analytic_estimate(model, c, 8, 128, h100, "float32")
         # float32 parameters, two Adam moments and the gradients: 16 bytes x 6.7B
         assert mem > 16 * 6.7e9 > h100.capacity_bytes
     plan = planner.plan("llama-7b", 8, "h100", method="analytic", progress=False)
@@ -95,9 +95,9 @@ def test_beyond_the_simulation_limit_the_estimate_decides():
 
 def test_axis_groups_follow_mesh_order():
     s = {a: 1 for a in MESH_AXES} | {"data": 2, "fsdp": 2, "tensor": 2}
-    assert planner.axis_group(s, ("tensor",)) == (0, 1)
-    assert planner.axis_group(s, ("fsdp",)) == (0, 2)
-    assert planner.axis_group(s, ("data", "fsdp")) == (0, 2, 4, 6)
+    assert analytic.axis_group(s, ("tensor",)) == (0, 1)
+    assert analytic.axis_group(s, ("fsdp",)) == (0, 2)
+    assert analytic.axis_group(s, ("data", "fsdp")) == (0, 2, 4, 6)
 
 
 def test_train_mesh_auto_uses_the_planner():

@@ -1,0 +1,148 @@
+"""The planner's analytic estimate: memory, traffic and collectives from shapes alone.
+
+Parameter and optimizer shards are exact (they come from the rules). Activations, memory
+traffic and collectives follow spmd.models.gpt's structure and were calibrated against
+compiles of gpt-small and llama-7b; the planner re-calibrates activations on every compile.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
+
+import jax
+import numpy as np
+
+from spmd import params as P
+from spmd.compiler import cost
+from spmd.mesh import MESH_AXES
+from spmd.models import Model
+from spmd.rules import batch_shards, logical_to_spec
+
+if TYPE_CHECKING:
+    from spmd.compiler.planner import Candidate
+
+
+def abstract_mesh(sizes: Mapping[str, int]):
+    return jax.sharding.AbstractMesh(tuple(sizes[a] for a in MESH_AXES), MESH_AXES)
+
+
+def _param_bytes(model: Model, sizes, rules=None) -> float:
+    mesh = abstract_mesh(sizes)
+    total = 0
+    for spec in jax.tree.leaves(model.specs(), is_leaf=P.is_spec):
+        pspec = logical_to_spec(spec.axes, mesh, rules, spec.shape)
+        split = 1
+        for entry in pspec:
+            for axis in (entry,) if isinstance(entry, str) else entry or ():
+                split *= sizes[axis]
+        total += math.prod(spec.shape) * np.dtype(spec.dtype).itemsize / split
+    return total
+
+
+def axis_group(sizes: Mapping[str, int], axes: Sequence[str]) -> tuple[int, ...]:
+    """The device ids (mesh order) of the group through device 0 along `axes`."""
+    shape = [sizes[a] for a in MESH_AXES]
+    index = tuple(slice(None) if a in axes else 0 for a in MESH_AXES)
+    return tuple(np.arange(math.prod(shape)).reshape(shape)[index].reshape(-1).tolist())
+
+
+def analytic_estimate(model: Model, c: Candidate, batch: int, seq: int, hw, dtype, rules=None):
+    """(memory bytes per device, Prediction) from the model's shapes alone (llama-style).
+
+    Parameter and optimizer shards are exact; activations, traffic and collectives follow
+    spmd.models.gpt's structure, calibrated against compiles of gpt-small and llama-7b."""
+    s = c.sizes
+    shards = batch_shards(abstract_mesh(s), rules)
+    n = batch // c.grad_accum // shards * seq  # tokens per device per microbatch
+    cb = 2 if dtype == "bfloat16" else 4
+    params = _param_bytes(model, s, rules)  # float32 shards, as stored
+    gathered = _param_bytes(model, s | {"fsdp": 1, "data": 1}, rules)  # after FSDP gathers
+    memory = _analytic_memory(model.cfg, s, c.remat, n, seq, cb, params, gathered)
+    memory += 2 * 4 * batch * seq / shards  # inputs and targets
+    traffic = _analytic_bytes(model.cfg, s, c, n, seq, cb, params, gathered)
+    comm = _analytic_comm(model, s, c, n, cb, params, gathered, rules)
+    recompute = {"none": 1.0, "dots": 1.05, "full": 4 / 3}[c.remat]
+    flops = cost.model_flops_per_step(model, batch, seq, causal=False) * recompute / _n(s)
+    pred = cost.predict(
+        hw, flops, traffic, comm, cost.model_flops_per_step(model, batch, seq), batch * seq, _n(s)
+    )
+    return memory, pred
+
+
+def _dims(cfg):
+    return (
+        cfg.d_model,
+        cfg.n_heads,
+        cfg.n_kv_heads,
+        cfg.head_dim,
+        cfg.d_ff,
+        cfg.vocab_size,
+        cfg.n_layers,
+    )
+
+
+def _analytic_memory(cfg, s, remat, n, seq, cb, params, gathered) -> float:
+    d, h, g, k, f, v, L = _dims(cfg)
+    T = s["tensor"]
+    # What one layer keeps for its backward pass, per token: the residual stream and norms,
+    # q/k/v before and after rotary, the attention output, SwiGLU's gate/up/hidden, and the
+    # float32 scores and probabilities (h x seq).
+    layer = 6 * d * cb + (3 * h * k + 3 * g * k + 4 * f) / T * cb + 2 * h / T * seq * 4
+    if remat == "full":
+        saved = L * n * d * cb + n * layer
+    elif remat == "dots":
+        saved = L * n * ((h * k + 2 * g * k + 2 * f) / T * cb + 2 * d * cb) + n * layer
+    else:
+        saved = L * n * layer
+    logits = 3 * n * v / T * 4
+    embed = 2 * v * d * 4 / T  # the table is gathered whole for the lookup, and its grad
+    weights = 2 * gathered / L if s["fsdp"] > 1 else 0.0  # one layer gathered, double-buffered
+    # parameters, two Adam moments and the gradients, all float32 shards
+    return 4 * params + saved + logits + embed + weights
+
+
+def _analytic_bytes(cfg, s, c, n, seq, cb, params, gathered) -> float:
+    """Memory traffic per device per step, fitted to XLA:CPU programs (used by `cpu` only)."""
+    d, h, g, k, f, v, L = _dims(cfg)
+    T = s["tensor"]
+    per_token_layer = cb * (150 * d + (75 * f + 45 * (h * k + 2 * g * k)) / T) + 48 * h / T * seq
+    activations = c.grad_accum * L * n * per_token_layer
+    # The optimizer update is unfused on CPU: ~45 passes over the float32 shards.
+    return activations + c.grad_accum * 5 * gathered + 45 * params + 8 * c.grad_accum * n * v / T
+
+
+def _n(sizes) -> int:
+    return math.prod(sizes.values())
+
+
+def _analytic_comm(model, s, c, n, cb, params, gathered, rules) -> list[cost.CommItem]:
+    d, L, v, ga = model.cfg.d_model, model.cfg.n_layers, model.cfg.vocab_size, c.grad_accum
+    layer_weights = sum(
+        1
+        for spec in jax.tree.leaves(model.specs(), is_leaf=P.is_spec)
+        if "layers" in spec.axes and "embed" in spec.axes
+    )
+    items = []
+
+    def add(kind, nbytes, count, axes):
+        axes = tuple(a for a in axes if s[a] > 1)
+        if axes and count:
+            size = math.prod(s[a] for a in axes)
+            items.append(cost.CommItem(kind, nbytes, count, size, axis_group(s, axes), axes))
+
+    # FSDP: each layer weight is gathered for the forward pass and again for the backward
+    # pass; each layer's gradients are reduce-scattered in one combined op, per microbatch.
+    per_weight = gathered / L / max(layer_weights, 1)
+    add("all-gather", per_weight, 2 * L * layer_weights * ga, ("fsdp",))
+    add("reduce-scatter", gathered / L, L * ga, ("fsdp",))
+    # Data parallel: all-reduce the (FSDP/TP-sharded) gradients of each layer.
+    add("all-reduce", params / L, L * ga, ("data",))
+    # Tensor parallel: two activation all-reduces per layer forward, two backward (and the
+    # forward's again when it is recomputed).
+    add("all-reduce", n * d * cb, (6 if c.remat == "full" else 4) * L * ga, ("tensor",))
+    # The embedding table, gathered whole for the lookup, and its dense gradient.
+    add("all-gather", v * d * 4, ga, ("fsdp", "tensor"))
+    add("all-reduce", v * d * 4, 1, ("data", "fsdp", "tensor"))
+    return items
