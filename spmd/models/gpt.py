@@ -250,89 +250,27 @@ def loss_fn(params, batch, cfg: GPTConfig):
 BATCH_AXES = {"inputs": ("batch", "length"), "targets": ("batch", "length")}
 
 
+# The llama-* rows are the published Llama-2 shapes; gpt-125m/350m/1b are Llama-style with a
+# 32k vocabulary; gpt-tiny and gpt-small use the byte tokenizer's 384.
+PRESET_FIELDS = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim",
+                 "d_ff", "max_seq_len")  # fmt: skip
+# fmt: off
+PRESET_SHAPES = {
+    "gpt-tiny":  (384,   128,  4,  8,  4,  16,   384,  256),
+    "gpt-small": (384,   384,  6,  6,  2,  64,  1152,  512),
+    "gpt-125m":  (32000, 768,  12, 12, 12, 64,  2048, 1024),
+    "gpt-350m":  (32000, 1024, 24, 16, 16, 64,  2816, 1024),
+    "gpt-1b":    (32000, 2048, 18, 16, 8,  128, 5632, 2048),
+    "llama-7b":  (32000, 4096, 32, 32, 32, 128, 11008, 4096),
+    "llama-13b": (32000, 5120, 40, 40, 40, 128, 13824, 4096),
+    "llama-70b": (32000, 8192, 80, 64, 8,  128, 28672, 4096),
+}
+# fmt: on
+
+
 @functools.cache
 def presets() -> dict[str, GPTConfig]:
-    """Named shapes. The llama-* entries are the published Llama-2 shapes (vocab 32000)."""
-    llama_vocab = 32000  # a Llama-style 32k tokenizer for the mid-size presets
     return {
-        "gpt-tiny": GPTConfig(
-            vocab_size=384,
-            d_model=128,
-            n_layers=4,
-            n_heads=8,
-            n_kv_heads=4,
-            head_dim=16,
-            d_ff=384,
-            max_seq_len=256,
-        ),
-        "gpt-small": GPTConfig(
-            vocab_size=384,
-            d_model=384,
-            n_layers=6,
-            n_heads=6,
-            n_kv_heads=2,
-            head_dim=64,
-            d_ff=1152,
-            max_seq_len=512,
-        ),
-        "gpt-125m": GPTConfig(
-            vocab_size=llama_vocab,
-            d_model=768,
-            n_layers=12,
-            n_heads=12,
-            n_kv_heads=12,
-            head_dim=64,
-            d_ff=2048,
-            max_seq_len=1024,
-        ),
-        "gpt-350m": GPTConfig(
-            vocab_size=llama_vocab,
-            d_model=1024,
-            n_layers=24,
-            n_heads=16,
-            n_kv_heads=16,
-            head_dim=64,
-            d_ff=2816,
-            max_seq_len=1024,
-        ),
-        "gpt-1b": GPTConfig(
-            vocab_size=llama_vocab,
-            d_model=2048,
-            n_layers=18,
-            n_heads=16,
-            n_kv_heads=8,
-            head_dim=128,
-            d_ff=5632,
-            max_seq_len=2048,
-        ),
-        "llama-7b": GPTConfig(
-            vocab_size=32000,
-            d_model=4096,
-            n_layers=32,
-            n_heads=32,
-            n_kv_heads=32,
-            head_dim=128,
-            d_ff=11008,
-            max_seq_len=4096,
-        ),
-        "llama-13b": GPTConfig(
-            vocab_size=32000,
-            d_model=5120,
-            n_layers=40,
-            n_heads=40,
-            n_kv_heads=40,
-            head_dim=128,
-            d_ff=13824,
-            max_seq_len=4096,
-        ),
-        "llama-70b": GPTConfig(
-            vocab_size=32000,
-            d_model=8192,
-            n_layers=80,
-            n_heads=64,
-            n_kv_heads=8,
-            head_dim=128,
-            d_ff=28672,
-            max_seq_len=4096,
-        ),
+        name: GPTConfig(**dict(zip(PRESET_FIELDS, shape, strict=True)))
+        for name, shape in PRESET_SHAPES.items()
     }
