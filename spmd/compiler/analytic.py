@@ -71,20 +71,8 @@ def analytic_estimate(model: Model, c: Candidate, batch: int, seq: int, hw, dtyp
     return memory, pred
 
 
-def _dims(cfg):
-    return (
-        cfg.d_model,
-        cfg.n_heads,
-        cfg.n_kv_heads,
-        cfg.head_dim,
-        cfg.d_ff,
-        cfg.vocab_size,
-        cfg.n_layers,
-    )
-
-
 def _analytic_memory(cfg, s, remat, n, seq, cb, params, gathered) -> float:
-    d, h, g, k, f, v, L = _dims(cfg)
+    d, h, g, k, f, v, L = cfg.dims
     T = s["tensor"]
     # What one layer keeps for its backward pass, per token: the residual stream and norms,
     # q/k/v before and after rotary, the attention output, SwiGLU's gate/up/hidden, and the
@@ -105,7 +93,7 @@ def _analytic_memory(cfg, s, remat, n, seq, cb, params, gathered) -> float:
 
 def _analytic_bytes(cfg, s, c, n, seq, cb, params, gathered) -> float:
     """Memory traffic per device per step, fitted to XLA:CPU programs (used by `cpu` only)."""
-    d, h, g, k, f, v, L = _dims(cfg)
+    d, h, g, k, f, v, L = cfg.dims
     T = s["tensor"]
     per_token_layer = cb * (150 * d + (75 * f + 45 * (h * k + 2 * g * k)) / T) + 48 * h / T * seq
     activations = c.grad_accum * L * n * per_token_layer

@@ -74,21 +74,19 @@ class GPTConfig:
             )
 
     @property
+    def dims(self) -> tuple[int, ...]:
+        """The shape letters (d, h, g, k, f, v, l) in the order the model code unpacks them."""
+        return (self.d_model, self.n_heads, self.n_kv_heads, self.head_dim, self.d_ff,
+                self.vocab_size, self.n_layers)  # fmt: skip
+
+    @property
     def dtype(self):
         return DTYPES[self.compute_dtype]
 
 
 def param_specs(cfg: GPTConfig) -> dict:
     """Every parameter, declared once. Layer weights are stacked on a leading `layers` axis."""
-    d, h, g, k, f, v, l = (
-        cfg.d_model,
-        cfg.n_heads,
-        cfg.n_kv_heads,
-        cfg.head_dim,
-        cfg.d_ff,
-        cfg.vocab_size,
-        cfg.n_layers,
-    )
+    d, h, g, k, f, v, l = cfg.dims
     std = cfg.init_std
     # GPT-2's scaled init for the projections that write into the residual stream.
     out_std = std / math.sqrt(2 * l)
