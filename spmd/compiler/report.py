@@ -22,8 +22,9 @@ import jax
 import numpy as np
 
 from spmd import params as P
-from spmd.compiler import cost, hlo
+from spmd.compiler import cost, hlo, render
 from spmd.compiler.program_cost import program_cost
+from spmd.compiler.render import fmt_bytes, fmt_time  # noqa: F401  (used as report.fmt_*)
 from spmd.errors import SpmdError
 from spmd.mesh import MESH_AXES, make_mesh, mesh_shape
 from spmd.models import Model, get_model
@@ -303,7 +304,7 @@ class Report:
         }
 
     def render_text(self, top: int = 8) -> str:
-        return render_text(self, top)
+        return render.render_text(self, top)
 
 
 def explain(
@@ -357,104 +358,3 @@ def _json_default(x):
     if isinstance(x, set | tuple):
         return list(x)
     raise TypeError(type(x))
-
-
-# --- Text ----------------------------------------------------------------------------------
-
-
-def fmt_bytes(n: float) -> str:
-    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if abs(n) >= scale:
-            return f"{n / scale:.2f} {unit}"
-    return f"{n:.0f} B"
-
-
-def fmt_time(s: float) -> str:
-    return f"{s * 1e3:.2f} ms" if s < 1 else f"{s:.3f} s"
-
-
-def _table(rows: list[list[str]], indent: str = "  ") -> list[str]:
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return [
-        indent + "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
-        for r in rows
-    ]
-
-
-def render_text(r: Report, top: int = 8) -> str:
-    hw = r.hardware
-    on = ",".join(f"{a}={n}" for a, n in r.mesh.items() if n > 1) or "data=1"
-    every = " ".join(f"{a}={n}" for a, n in r.mesh.items())
-    lines = [
-        f"{r.model}: {r.params / 1e6:,.1f}M parameters on {r.devices} devices "
-        f"({hw.name}: {hw.description})",
-        f"mesh      {on}   [{every}]",
-        f"batch     {r.batch} x {r.seq} tokens | grad-accum {r.grad_accum} | "
-        f"remat {r.remat} | dtype {r.dtype}",
-        "",
-        f"largest parameters ({len(r.param_rows)} in all)",
-    ]
-    rows = [["name", "shape", "logical axes", "spec", "per device"]]
-    for p in r.param_rows[:top]:
-        shapes = (_tup(p["shape"]), _tup(p["logical"]), p["spec"], _tup(p["per_device_shape"]))
-        rows.append([p["name"], *shapes])
-    lines += _table(rows) + [""] + _memory_lines(r) + [""]
-    lines.append(
-        f"FLOPs per step: {r.stats.flops_per_device:.3e} per device (XLA's count, loop bodies "
-        f"x trip count) | model {r.model_flops_per_step:.3e} (6N + causal attention, all devices)"
-    )
-    lines += ["", "collectives per step, per device (ring time on this hardware)"]
-    lines += _collective_lines(r) + [""] + _prediction_lines(r)
-    return "\n".join(lines)
-
-
-def _memory_lines(r: Report) -> list[str]:
-    hw, mem = r.hardware, r.stats.memory
-    verdict = "fits" if r.fits else f"DOES NOT FIT (over {hw.usable_memory:.0%} of it)"
-    outputs = mem["output_bytes"] - mem["alias_bytes"]
-    return [
-        f"memory per device (compiled program; {hw.name} has {fmt_bytes(hw.hbm_bytes)})",
-        f"  arguments    {fmt_bytes(mem['arguments_bytes']):>10}  = params "
-        f"{fmt_bytes(mem['params_bytes'])} + optimizer {fmt_bytes(mem['opt_state_bytes'])}"
-        f" + batch {fmt_bytes(mem['batch_bytes'])}",
-        f"  temporaries  {fmt_bytes(mem['temp_bytes']):>10}",
-        f"  outputs      {fmt_bytes(outputs):>10}  (beyond those aliased to donated arguments)",
-        f"  total        {fmt_bytes(mem['total_bytes']):>10}  "
-        f"{mem['total_bytes'] / hw.hbm_bytes:.0%} of {fmt_bytes(hw.hbm_bytes)}: {verdict}",
-    ]
-
-
-def _collective_lines(r: Report) -> list[str]:
-    groups = r.collective_groups()
-    if not groups:
-        return ["  none"]
-    rows = [["kind", "mesh axes", "count", "bytes", "time", ""]]
-    for g in groups:
-        note = "(XLA:CPU: all-reduce + dynamic-slice)" if g["raw_kinds"] != [g["kind"]] else ""
-        axes = ",".join(g["axes"]) or "-"
-        rows.append(
-            [g["kind"], axes, str(g["count"]), fmt_bytes(g["bytes"]), fmt_time(g["time_s"]), note]
-        )
-    return _table(rows)
-
-
-def _prediction_lines(r: Report) -> list[str]:
-    hw, p = r.hardware, r.prediction
-    if hw.memory_in_roofline:
-        compute = f"compute {fmt_time(p.compute_s)} ({p.bound}-bound roofline)"
-    else:
-        compute = (
-            f"compute {fmt_time(p.compute_s)} at peak (the XLA:CPU program's memory traffic "
-            f"would take {fmt_time(p.memory_s)}; not counted)"
-        )
-    return [
-        f"predicted on {hw.name} (bf16 peak {hw.peak_flops / 1e12:,.0f} TFLOP/s):",
-        f"  step {fmt_time(p.step_time_s)} = {compute}",
-        f"       + exposed communication {fmt_time(p.exposed_comm_s)} (of "
-        f"{fmt_time(p.comm_s)}; {fmt_time(p.blocking_comm_s)} on the critical path)",
-        f"  {p.tokens_per_s:,.0f} tokens/s | MFU {p.mfu:.1%}",
-    ]
-
-
-def _tup(x) -> str:
-    return "(" + ", ".join(str(v) for v in x) + ")"
