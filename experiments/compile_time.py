@@ -9,33 +9,19 @@ Run: `make compile-time` (or `python -m experiments.compile_time --layers 4 32`)
 from __future__ import annotations
 
 import argparse
-import time
 
 import spmd
 
 if __name__ == "__main__":
     spmd.simulate_cpu_devices(8)
 
-import jax  # noqa: E402
-
-from spmd.train import optim  # noqa: E402
-from spmd.train.state import abstract_state  # noqa: E402
-from spmd.train.step import batch_shardings, compile_step  # noqa: E402
+from spmd.compiler.program import TrainProgram  # noqa: E402
 
 
-def compile_seconds(model_name: str, n_layers: int, unroll: bool, mesh, batch=16, seq=128):
+def compile_seconds(model_name: str, n_layers: int, unroll: bool, layout, batch=16, seq=128):
     overrides = {"n_layers": n_layers, "scan_unroll": n_layers if unroll else 1}
     model = spmd.get_model(model_name, overrides)
-    opt, schedule = optim.make_optimizer(optim.OptimConfig())
-    shapes = {k: (batch, seq) for k in model.batch_axes}
-    sh = batch_shardings(model, shapes, mesh)
-    abstract_batch = {
-        k: jax.ShapeDtypeStruct(s, "int32", sharding=sh[k]) for k, s in shapes.items()
-    }
-    step = compile_step(model, opt, schedule, mesh, shapes)
-    t0 = time.perf_counter()
-    step.lower(abstract_state(model, opt, mesh), abstract_batch).compile()
-    return time.perf_counter() - t0
+    return TrainProgram.for_tokens(model, layout, batch, seq).compile().compile_s
 
 
 def main(argv=None) -> list[dict]:
@@ -45,14 +31,14 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--mesh", default="fsdp=4,tensor=2")
     p.add_argument("--no-unrolled", action="store_true", help="skip the unrolled contrast")
     args = p.parse_args(argv)
-    mesh = spmd.make_mesh(args.mesh)
+    layout = spmd.Layout.make(args.mesh)
     rows = []
     print(f"{args.model} train step on {args.mesh}: compile seconds")
     print(f"{'layers':>6} {'scan':>8} {'unrolled':>9}")
     for n in args.layers:
-        row = {"layers": n, "scan_s": compile_seconds(args.model, n, False, mesh)}
+        row = {"layers": n, "scan_s": compile_seconds(args.model, n, False, layout)}
         if not args.no_unrolled:
-            row["unrolled_s"] = compile_seconds(args.model, n, True, mesh)
+            row["unrolled_s"] = compile_seconds(args.model, n, True, layout)
         rows.append(row)
         unrolled = f"{row['unrolled_s']:9.1f}" if "unrolled_s" in row else f"{'-':>9}"
         print(f"{n:>6} {row['scan_s']:8.1f} {unrolled}", flush=True)

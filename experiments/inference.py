@@ -44,7 +44,7 @@ def kv_bytes(cfg, batch: int, slots: int) -> int:
 
 def bench_batch(gen, params, bc: BenchConfig, batch: int) -> dict:
     """Median timings over `repeats` runs, after one run that compiles."""
-    from spmd import params as P
+    from spmd import params as param_lib
 
     rng = np.random.default_rng(bc.seed)
     prompts = rng.integers(0, 256, (batch, bc.prompt_len)).tolist()
@@ -55,7 +55,7 @@ def bench_batch(gen, params, bc: BenchConfig, batch: int) -> dict:
     decode_s = statistics.median(r.decode_s for r in runs)
     steps = n - 1  # the first id comes out of the prefill
     step_s = decode_s / steps
-    param_bytes = P.nbytes(gen.model.specs())
+    param_bytes = param_lib.nbytes(gen.model.specs())
     kv = kv_bytes(gen.cfg, b, t + n - 1)
     return {
         "batch": batch,
@@ -76,15 +76,14 @@ def bench_batch(gen, params, bc: BenchConfig, batch: int) -> dict:
 def run(bc: BenchConfig) -> list[dict]:
     import jax
 
-    from spmd import params as P
     from spmd.inference import Generator, SamplingConfig
-    from spmd.mesh import make_mesh
+    from spmd.layout import Layout
     from spmd.models import get_model
 
     model = get_model(bc.model, dict(bc.overrides))
-    mesh = make_mesh(bc.mesh) if bc.mesh else make_mesh("data=1", jax.devices()[:1])
-    gen = Generator(model, mesh, SamplingConfig(max_new_tokens=bc.new_tokens))
-    params = gen.prepare(P.init(model.specs(), jax.random.key(bc.seed), mesh, gen.rules))
+    layout = Layout.make(bc.mesh) if bc.mesh else Layout.make("data=1", None, jax.devices()[:1])
+    gen = Generator(model, layout, SamplingConfig(max_new_tokens=bc.new_tokens))
+    params = gen.prepare(gen.layout.init_params(model.specs(), jax.random.key(bc.seed)))
     return [bench_batch(gen, params, bc, b) for b in bc.batches]
 
 

@@ -20,9 +20,8 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
+from spmd.compiler.program import TrainProgram  # noqa: E402
 from spmd.models import mlp_model  # noqa: E402
-from spmd.train.state import init_state  # noqa: E402
-from spmd.train.step import batch_shardings, compile_step  # noqa: E402
 
 ROWS, FEATURES, BATCH, LR = 1000, 10, 32, 0.1
 
@@ -34,12 +33,12 @@ def make_data(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     return x, y
 
 
-def fit(mesh, x, y, epochs: int, seed: int = 0, verbose: bool = True):
+def fit(layout, x, y, epochs: int, seed: int = 0, verbose: bool = True):
     """Keras-style `fit`: shuffled epochs of batches of 32 (the last one smaller)."""
     model = mlp_model()
     # Keras' Adam: beta_1=0.9, beta_2=0.999, epsilon=1e-7.
     opt = optax.adam(LR, eps=1e-7)
-    state = init_state(model, opt, jax.random.key(seed), mesh)
+    state = None
     steps = {}  # one compiled step per batch shape (32, and the remainder)
     history = []
     for epoch in range(epochs):
@@ -48,11 +47,14 @@ def fit(mesh, x, y, epochs: int, seed: int = 0, verbose: bool = True):
         for start in range(0, len(x), BATCH):
             idx = order[start : start + BATCH]
             batch = {"x": x[idx], "y": y[idx]}
-            shapes = {k: v.shape for k, v in batch.items()}
+            spec = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in batch.items()}
             key = len(idx)
             if key not in steps:
-                steps[key] = compile_step(model, opt, lambda _: LR, mesh, shapes)
-            sh = batch_shardings(model, shapes, mesh)
+                program = TrainProgram(model, layout, spec, opt, lambda _: LR)
+                steps[key] = program.compile()
+                if state is None:
+                    state = program.init_state(jax.random.key(seed))
+            sh = steps[key].program.batch_shardings
             batch = {k: jax.device_put(v, sh[k]) for k, v in batch.items()}
             state, metrics = steps[key](state, batch)
             total += float(metrics["loss"]) * len(idx)
@@ -66,8 +68,8 @@ def fit(mesh, x, y, epochs: int, seed: int = 0, verbose: bool = True):
 def run(epochs: int = 10, verbose: bool = True) -> dict:
     x, y = make_data()
     devices = jax.devices()
-    mirrored = spmd.make_mesh({"data": len(devices)}, devices)
-    single = spmd.make_mesh({"data": 1}, devices[:1])
+    mirrored = spmd.Layout.make({"data": len(devices)}, devices=devices)
+    single = spmd.Layout.make({"data": 1}, devices=devices[:1])
     if verbose:
         print(f"Data parallel over {len(devices)} devices (mesh data={len(devices)}):")
     losses, params = fit(mirrored, x, y, epochs, verbose=verbose)

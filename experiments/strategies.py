@@ -29,10 +29,8 @@ if __name__ == "__main__":
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from spmd.compiler import cost, report  # noqa: E402
-from spmd.mesh import mesh_shape  # noqa: E402
-from spmd.train import optim  # noqa: E402
-from spmd.train.state import init_state  # noqa: E402
+from spmd.compiler import cost, render, report  # noqa: E402
+from spmd.compiler.program import TrainProgram, build_model  # noqa: E402
 
 LAYOUTS = {
     "dp": "data=8",
@@ -53,24 +51,18 @@ def spearman(a, b) -> float:
 
 
 def prepare(name, spec, model_name, overrides, batch, seq, hw) -> dict:
-    """Compile the layout's train step, report on it, and build its state."""
-    model = report.build_model(model_name, overrides, "none", "float32", seq)
-    mesh = spmd.make_mesh(spec)
-    compiled, abstract_state, abstract_batch, compile_s = report.compile_train_step(
-        model, mesh, batch, seq
-    )
-    stats = report.stats_from_compiled(
-        compiled, abstract_state, abstract_batch, compile_s, mesh_shape(mesh)
-    )
-    opt, _ = optim.make_optimizer(optim.OptimConfig())
+    """Compile the layout's train step (the trainer's own path), report on it, build its state."""
+    model = build_model(model_name, overrides, seq=seq)
+    program = TrainProgram.for_tokens(model, spmd.Layout.make(spec), batch, seq)
+    compiled = program.compile()
     return {
         "name": name,
         "spec": spec,
         "model": model,
         "compiled": compiled,
-        "state": init_state(model, opt, jax.random.key(0), mesh),
-        "abstract_batch": abstract_batch,
-        "report": report.make_report(model, mesh, batch, seq, 1, hw, stats),
+        "state": program.init_state(jax.random.key(0)),
+        "abstract_batch": program.abstract_batch,
+        "report": report.make_report(program, hw, report.stats_from_compiled(compiled)),
         "times": [],
     }
 
@@ -127,9 +119,9 @@ def to_markdown(rows: list[dict], rho: float, title: str) -> str:
     head += [f"{k} bytes" for k in kinds] + ["predicted (cpu)", "measured"]
     lines = [f"# {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        cells = [r["layout"], f"`{r['mesh']}`", report.fmt_bytes(r["memory_bytes"]),
-                 report.fmt_bytes(r["state_bytes"])]  # fmt: skip
-        cells += [report.fmt_bytes(r[f"{k}_bytes"]) for k in kinds]
+        cells = [r["layout"], f"`{r['mesh']}`", render.fmt_bytes(r["memory_bytes"]),
+                 render.fmt_bytes(r["state_bytes"])]  # fmt: skip
+        cells += [render.fmt_bytes(r[f"{k}_bytes"]) for k in kinds]
         cells += [f"{r['predicted_s'] * 1e3:.0f} ms", f"{r['measured_s'] * 1e3:.0f} ms"]
         lines.append("| " + " | ".join(cells) + " |")
     lines += [
@@ -211,7 +203,7 @@ def main(argv=None) -> dict:
     measure_all(runs, args.rounds)
     rows = [summarize(run) for run in runs]
     for r in rows:
-        mem = report.fmt_bytes(r["memory_bytes"])
+        mem = render.fmt_bytes(r["memory_bytes"])
         print(
             f"{r['layout']:>11} {r['mesh']:>24}  memory {mem:>10}  predicted "
             f"{r['predicted_s']:7.2f} s  measured {r['measured_s']:7.2f} s"

@@ -268,13 +268,12 @@ def restore_train_state(ckpt_dir: str, abstract_state, step: int | None = None):
     return s, state, meta, config
 
 
-def restore_params(ckpt_dir: str, model, mesh, rules=None, step: int | None = None):
-    """Only the parameters, restored straight onto `mesh` (the newest valid step by default)."""
-    from spmd import params as P
-
+def restore_params(ckpt_dir: str, model, layout, step: int | None = None):
+    """Only the parameters, restored straight onto `layout` (the newest valid step by
+    default)."""
     if not Path(ckpt_dir).is_dir():
         raise SpmdError(f"checkpoint directory {ckpt_dir} does not exist")
-    target = P.abstract_sharded(model.specs(), mesh, rules)
+    target = layout.abstract_params(model.specs())
     found = restore_with_fallback(
         ckpt_dir, lambda s: _restore_items(ckpt_dir, s, params=target)["params"], step
     )

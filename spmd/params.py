@@ -1,8 +1,9 @@
 """Parameters declared once: shape, dtype, logical axes and initializer.
 
-From a pytree of `ParamSpec` come the abstract pytree (for ahead-of-time compiles), the
-sharding pytree, and a jitted init whose `out_shardings` make every parameter born on its
-shards, so a model never has to fit on one device.
+From a pytree of `ParamSpec` come the abstract pytree, the logical axes and the values.
+Where they go on a mesh is the layout's business (`spmd.layout.Layout.param_shardings`,
+`abstract_params` and `init_params`, whose `out_shardings` make every parameter born on its
+shards, so a model never has to fit on one device).
 """
 
 from __future__ import annotations
@@ -14,9 +15,8 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import Mesh
 
-from spmd.rules import Logical, Rules, named_sharding
+from spmd.rules import Logical
 
 Initializer = Callable[[jax.Array, tuple[int, ...], Any], jax.Array]
 
@@ -49,32 +49,12 @@ def logical_axes(specs) -> Any:
     return _map(lambda s: s.axes, specs)
 
 
-def shardings(specs, mesh: Mesh, rules: Rules | None = None) -> Any:
-    return _map(lambda s: named_sharding(s.axes, mesh, rules, s.shape), specs)
-
-
-def abstract_sharded(specs, mesh: Mesh, rules: Rules | None = None) -> Any:
-    """ShapeDtypeStructs that carry their shardings: inputs for `.lower()` without memory."""
-    return _map(
-        lambda s: jax.ShapeDtypeStruct(
-            s.shape, s.dtype, sharding=named_sharding(s.axes, mesh, rules, s.shape)
-        ),
-        specs,
-    )
-
-
 def init_unsharded(specs, key: jax.Array) -> Any:
     """Values for every spec; each leaf gets its own key from its position in the tree."""
     leaves, treedef = jax.tree.flatten(specs, is_leaf=is_spec)
     keys = jax.random.split(key, len(leaves))
     values = [s.init(k, s.shape, s.dtype) for s, k in zip(leaves, keys, strict=True)]
     return jax.tree.unflatten(treedef, values)
-
-
-def init(specs, key: jax.Array, mesh: Mesh, rules: Rules | None = None) -> Any:
-    """Initialize parameters straight onto their shards (never gathered on one device)."""
-    fn = jax.jit(lambda k: init_unsharded(specs, k), out_shardings=shardings(specs, mesh, rules))
-    return fn(key)
 
 
 def count(specs) -> int:

@@ -39,7 +39,9 @@ DEFAULT_RULES: dict[str, tuple[str, ...]] = {
 
 @dataclasses.dataclass(frozen=True)
 class Rules:
-    """Logical axis name -> mesh axes. Names not in the table are replicated."""
+    """Logical axis name -> mesh axes. A name maps to `()` to be replicated on purpose; a
+    name missing from the table is an error, so a typo in model code cannot silently
+    replicate a weight that was meant to be split."""
 
     table: tuple[tuple[str, tuple[str, ...]], ...] = tuple(DEFAULT_RULES.items())
 
@@ -61,7 +63,16 @@ class Rules:
             return ()
         if isinstance(logical, tuple):
             return tuple(a for name in logical for a in self.mesh_axes(name))
-        return dict(self.table).get(logical, ())
+        table = dict(self.table)
+        if logical not in table:
+            raise SpmdError(
+                f"logical axis {logical!r} has no rule (known: {', '.join(table)}); add one, "
+                f"e.g. Rules.default({{{logical!r}: None}}) to replicate it"
+            )
+        return table[logical]
+
+    def to_json(self) -> dict[str, list[str]]:
+        return {name: list(axes) for name, axes in self.table}
 
 
 def _as_axes(axes: Sequence[str] | str | None) -> tuple[str, ...]:
@@ -111,12 +122,6 @@ def check_divisible(name, dim: int, axes: Sequence[str], sizes: Mapping[str, int
         raise SpmdError(f"{label}={dim} is not divisible by {split}")
 
 
-def named_sharding(
-    logical: Logical, mesh: Mesh, rules: Rules | None = None, shape: Sequence[int] | None = None
-) -> NamedSharding:
-    return NamedSharding(mesh, logical_to_spec(logical, mesh, rules, shape))
-
-
 @dataclasses.dataclass(frozen=True)
 class ShardingContext:
     mesh: Mesh
@@ -150,12 +155,3 @@ def constrain(x: jax.Array, logical: Logical) -> jax.Array:
         return x
     spec = logical_to_spec(logical, ctx.mesh, ctx.rules, x.shape)
     return jax.lax.with_sharding_constraint(x, NamedSharding(ctx.mesh, spec))
-
-
-def batch_shards(mesh: Mesh, rules: Rules | None = None) -> int:
-    """How many ways the `batch` logical axis is split on this mesh."""
-    rules = rules or Rules()
-    n = 1
-    for axis in rules.mesh_axes("batch"):
-        n *= int(mesh.shape[axis])
-    return n

@@ -13,9 +13,9 @@ from conftest import spmd_env
 
 from spmd import checkpoint as ckpt
 from spmd import cli
-from spmd import params as P
+from spmd import params as param_lib
 from spmd.errors import SpmdError
-from spmd.mesh import make_mesh
+from spmd.layout import Layout
 from spmd.models import get_model
 from spmd.train import optim
 from spmd.train.state import TrainState, abstract_state, state_shardings
@@ -32,13 +32,23 @@ def _opt():
     return optim.make_optimizer(optim.OptimConfig())[0]
 
 
-def _placed_state(model, opt, mesh, seed=0):
+def _layout(spec="fsdp=8", devices=8):
+    return Layout.make(spec, devices=jax.devices()[:devices])
+
+
+def _target(layout=None):
+    """The abstract TrainState a restore fills, with `layout`'s shardings."""
+    model, opt = _model(), _opt()
+    return abstract_state(model, opt, state_shardings(model, opt, layout or _layout()))
+
+
+def _placed_state(model, opt, layout, seed=0):
     """A TrainState on its shardings, from numpy: JAX's random init costs many compiles."""
     rng = np.random.default_rng(seed)
-    shapes = jax.eval_shape(lambda p: (p, opt.init(p)), P.abstract(model.specs()))
+    shapes = jax.eval_shape(lambda p: (p, opt.init(p)), param_lib.abstract(model.specs()))
     params, opt_state = jax.tree.map(lambda s: rng.standard_normal(s.shape).astype(s.dtype), shapes)
     state = TrainState(step=np.int32(0), params=params, opt_state=opt_state)
-    return jax.device_put(state, state_shardings(model, opt, mesh))
+    return jax.device_put(state, state_shardings(model, opt, layout))
 
 
 @pytest.fixture(scope="module")
@@ -46,11 +56,11 @@ def saved(tmp_path_factory):
     """Steps 1..3 saved asynchronously on fsdp=8, each with distinct parameters."""
     directory = str(tmp_path_factory.mktemp("ckpt") / "run")
     model, opt = _model(), _opt()
-    mesh = make_mesh("fsdp=8")
+    layout = _layout()
     saver = ckpt.Checkpointer(directory, every=1, keep=5)
     states = {}
     for step in (1, 2, 3):
-        state = _placed_state(model, opt, mesh, seed=step)
+        state = _placed_state(model, opt, layout, seed=step)
         states[step] = jax.device_get(state.params)
         saver.save(step, state, {"loader": {"next_batch": step}, "rng": [0, step]}, CONFIG)
     saver.wait()
@@ -72,8 +82,7 @@ def _largest_data_file(step_dir: Path) -> Path:
 @pytest.mark.parametrize("spec, devices", [("data=2,tensor=4", 8), ("fsdp=8", 8), ("data=1", 1)])
 def test_restore_reshards_onto_any_mesh(saved, spec, devices):
     directory, states, _ = saved
-    mesh = make_mesh(spec, devices=jax.devices()[:devices])
-    target = abstract_state(_model(), _opt(), mesh)
+    target = _target(_layout(spec, devices))
     step, state, meta, config = ckpt.restore_train_state(directory, target)
     assert step == 3 and int(state.step) == 3
     assert meta["loader"] == {"next_batch": 3} and meta["rng"] == [0, 3]
@@ -90,8 +99,7 @@ def test_restore_params_and_run_config(saved):
     directory, states, _ = saved
     config = ckpt.load_run_config(directory)
     model = get_model(config["model"], dict(config["overrides"]))
-    mesh = make_mesh("tensor=2", devices=jax.devices()[:2])
-    params = ckpt.restore_params(directory, model, mesh, step=2)
+    params = ckpt.restore_params(directory, model, _layout("tensor=2", 2), step=2)
     chex.assert_trees_all_equal(jax.device_get(params), states[2])
     assert params["head"].sharding.mesh.shape["tensor"] == 2
     assert ckpt.latest_valid_step(directory) == 3
@@ -102,9 +110,7 @@ def test_empty_step_folder_is_ignored(saved, tmp_path, capsys):
     (directory / "7").mkdir()
     assert ckpt.all_steps(directory) == [1, 2, 3, 7]
     assert ckpt.latest_valid_step(directory) == 3
-    step, *_ = ckpt.restore_train_state(
-        directory, abstract_state(_model(), _opt(), make_mesh("fsdp=8"))
-    )
+    step, *_ = ckpt.restore_train_state(directory, _target())
     assert step == 3
     assert "step 7" in capsys.readouterr().err
 
@@ -117,9 +123,7 @@ def test_truncated_data_file_falls_back_to_the_previous_step(saved, tmp_path, ca
     assert ckpt.step_problem(directory, 3) is None  # the metadata alone looks whole
     assert "reading it failed" in ckpt.verify_step(directory, 3)
     assert ckpt.verify_step(directory, 2) is None
-    step, state, _, _ = ckpt.restore_train_state(
-        directory, abstract_state(_model(), _opt(), make_mesh("fsdp=8"))
-    )
+    step, state, _, _ = ckpt.restore_train_state(directory, _target())
     assert step == 2
     chex.assert_trees_all_equal(jax.device_get(state.params), saved[1][2])
     err = capsys.readouterr().err
@@ -130,12 +134,12 @@ def test_no_valid_step_is_one_clear_error(saved, tmp_path):
     directory = _copy(saved[0], tmp_path)
     for step in (1, 2, 3):
         (directory / str(step) / "_CHECKPOINT_METADATA").unlink()
-    target = abstract_state(_model(), _opt(), make_mesh("fsdp=8"))
+    target = _target()
     with pytest.raises(SpmdError, match="holds no valid checkpoint") as e:
         ckpt.restore_train_state(directory, target)
     assert "\n" not in str(e.value)
     with pytest.raises(SpmdError, match="does not exist"):
-        ckpt.restore_params(str(tmp_path / "nowhere"), _model(), make_mesh("fsdp=8"))
+        ckpt.restore_params(str(tmp_path / "nowhere"), _model(), _layout())
     assert ckpt.restore_train_state(str(tmp_path / "nowhere"), target) is None
 
 

@@ -4,8 +4,9 @@ import jax
 import pytest
 
 import spmd
-from spmd import params as P
+from spmd import params as param_lib
 from spmd.compiler import cost, report
+from spmd.compiler.program import TrainProgram
 from spmd.errors import SpmdError
 
 
@@ -70,11 +71,12 @@ BATCH, SEQ = 4, 32
 @pytest.fixture(scope="module")
 def tiny_stats():
     """gpt-tiny on one device, layers scanned and unrolled (two compiles for the module)."""
-    mesh = spmd.make_mesh("data=1", jax.devices()[:1])
+    layout = spmd.Layout.make("data=1", devices=jax.devices()[:1])
     out = {}
     for name, unroll in (("scanned", 1), ("unrolled", 2)):
         model = spmd.get_model("gpt-tiny", {"n_layers": 2, "scan_unroll": unroll})
-        out[name] = (model, report.compile_stats(model, mesh, BATCH, SEQ))
+        program = TrainProgram.for_tokens(model, layout, BATCH, SEQ)
+        out[name] = (model, report.compile_stats(program))
     return out
 
 
@@ -92,7 +94,9 @@ def test_analytic_flops_match_xla_float32_cpu(tiny_stats):
     causal = cost.model_flops_per_step(model, BATCH, SEQ)
     attention = 12 * model.cfg.n_layers * model.cfg.n_heads * model.cfg.head_dim * SEQ
     assert analytic - causal == pytest.approx(BATCH * SEQ * attention / 2)
-    assert 6 * P.count(model.specs()) * BATCH * SEQ > causal  # the embedding is not a matmul
+    assert (
+        6 * param_lib.count(model.specs()) * BATCH * SEQ > causal
+    )  # the embedding is not a matmul
 
 
 def test_loop_bodies_are_counted_per_iteration(tiny_stats):

@@ -17,9 +17,8 @@ from spmd.data.tokenizer import (
     train_bpe,
 )
 from spmd.errors import SpmdError
-from spmd.mesh import make_mesh
+from spmd.layout import Layout
 from spmd.models import get_model
-from spmd.train.step import batch_shardings
 from spmd.train.trainer import device_batch, process_rows
 
 
@@ -179,8 +178,8 @@ def test_global_batch_is_independent_of_the_mesh():
     shapes = {k: (8, 16) for k in model.batch_axes}
     seen = []
     for spec, devices in (("fsdp=8", 8), ("data=2,tensor=4", 8), ("data=1", 1)):
-        mesh = make_mesh(spec, devices=jax.devices()[:devices])
-        shardings = batch_shardings(model, shapes, mesh)
+        layout = Layout.make(spec, devices=jax.devices()[:devices])
+        shardings = layout.batch_shardings(model.batch_axes, shapes)
         rows = process_rows(shardings["inputs"], shapes["inputs"])
         assert rows == range(8)  # one process holds every row
         loader = PackedLoader(tokens, 8, 16, seed=5, rows=rows)

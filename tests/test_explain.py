@@ -6,8 +6,8 @@ import pytest
 from conftest import run_spmd
 
 import spmd
-from spmd import params as P
-from spmd.compiler import report
+from spmd import params as param_lib
+from spmd.compiler import render, report
 
 OVERRIDES = {"n_layers": 2}
 BATCH, SEQ = 8, 32
@@ -40,7 +40,7 @@ def test_dp_all_reduces_four_bytes_per_parameter_over_data(reports):
 def test_fsdp_shards_state_and_gathers_over_fsdp(reports):
     rep, n = reports["fsdp"], 8
     mem = rep.stats.memory
-    total_params = P.nbytes(spmd.get_model("gpt-tiny", OVERRIDES).specs())
+    total_params = param_lib.nbytes(spmd.get_model("gpt-tiny", OVERRIDES).specs())
     assert mem["params_bytes"] == pytest.approx(total_params / n, rel=0.05)
     assert mem["opt_state_bytes"] == pytest.approx(2 * total_params / n, rel=0.05)
     gathers = by_kind(rep, "all-gather")
@@ -48,8 +48,8 @@ def test_fsdp_shards_state_and_gathers_over_fsdp(reports):
     # Each layer weight is gathered in the forward scan and again in the backward scan; the
     # embedding table and the head (outside the scans) are gathered once.
     specs = spmd.get_model("gpt-tiny", OVERRIDES).specs()
-    layers = P.nbytes({k: v for k, v in specs["layers"].items() if "norm" not in k})
-    once = P.nbytes(specs["embed"]) + P.nbytes(specs["head"])
+    layers = param_lib.nbytes({k: v for k, v in specs["layers"].items() if "norm" not in k})
+    once = param_lib.nbytes(specs["embed"]) + param_lib.nbytes(specs["head"])
     assert sum(c.total_bytes for c in gathers) == pytest.approx(2 * layers + once, rel=0.02)
     scatters = by_kind(rep, "reduce-scatter")
     assert scatters and all(c.axes == ("fsdp",) for c in scatters)
@@ -102,7 +102,7 @@ def test_json_contract(reports):
 
 
 def test_text_report(reports):
-    text = reports["fsdp"].render_text()
+    text = render.render_text(reports["fsdp"])
     for needle in ("mesh      fsdp=8", "layers/w_gate", "P(None, 'fsdp', None)", "fits",
                    "reduce-scatter", "MFU"):  # fmt: skip
         assert needle in text, needle

@@ -13,7 +13,6 @@ from conftest import run_spmd
 
 import spmd
 from spmd import checkpoint
-from spmd import params as P
 from spmd.cli import main
 from spmd.data.tokenizer import ByteTokenizer
 from spmd.errors import SpmdError
@@ -39,7 +38,7 @@ def model():
 
 @pytest.fixture(scope="module")
 def one_device():
-    return spmd.make_mesh("data=1", jax.devices()[:1])
+    return spmd.Layout.make("data=1", devices=jax.devices()[:1])
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +46,7 @@ def params(model, one_device):
     # A wider init than training's 0.02 gives decisive logits, so float rounding between
     # layouts cannot flip a greedy choice between two near-equal ids.
     specs = gpt.param_specs(dataclasses.replace(model.cfg, init_std=0.2))
-    return P.init(specs, jax.random.key(1), one_device)
+    return one_device.init_params(specs, jax.random.key(1))
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +102,9 @@ def test_batched_prompts_complete_as_they_do_alone(model, one_device, params, gr
 @pytest.mark.parametrize("mesh", ["tensor=2", "data=2,tensor=2"])
 def test_sharded_greedy_matches_one_device(model, params, greedy, mesh):
     devices = jax.devices()[: 2 if mesh == "tensor=2" else 4]
-    gen = Generator(model, spmd.make_mesh(mesh, devices), SamplingConfig(max_new_tokens=NEW))
+    gen = Generator(
+        model, spmd.Layout.make(mesh, devices=devices), SamplingConfig(max_new_tokens=NEW)
+    )
     cache_spec = gen._cache_sharding(4, 16).k.spec  # 3 prompts pad to 4 rows on data=2
     assert cache_spec[2] == "tensor"
     assert cache_spec[1] == ("data" if "data" in mesh else None)

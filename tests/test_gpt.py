@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import spmd
-from spmd import params as P
+from spmd import params as param_lib
 from spmd.errors import SpmdError
 from spmd.models import get_model, gpt, parse_overrides
 
@@ -13,11 +13,11 @@ from spmd.models import get_model, gpt, parse_overrides
 @pytest.fixture(scope="module")
 def tiny():
     model = get_model("gpt-tiny", {"n_layers": 2})
-    return model, jax.jit(lambda k: P.init_unsharded(model.specs(), k))(jax.random.key(0))
+    return model, jax.jit(lambda k: param_lib.init_unsharded(model.specs(), k))(jax.random.key(0))
 
 
 def test_presets_have_the_promised_sizes():
-    sizes = {name: P.count(get_model(name).specs()) for name in spmd.model_names()}
+    sizes = {name: param_lib.count(get_model(name).specs()) for name in spmd.model_names()}
     assert 0.5e6 < sizes["gpt-tiny"] < 1.5e6
     assert 10e6 <= sizes["gpt-small"] <= 30e6
     assert 6.5e9 < sizes["llama-7b"] < 6.9e9  # Llama-2-7B: 6.74B

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from experiments import inference
-from spmd import params as P
+from spmd import params as param_lib
 from spmd.models import get_model
 
 
@@ -24,7 +24,7 @@ def test_bench_reports_throughput_and_bandwidth(tmp_path, capsys):
     model = get_model("gpt-tiny", {"n_layers": 1})
     for r in rows:
         assert r["new_tokens"] == 4
-        assert r["param_bytes"] == P.nbytes(model.specs())
+        assert r["param_bytes"] == param_lib.nbytes(model.specs())
         # K and V, 1 layer, 4 kv heads, 16 + 4 - 1 slots (prompts pad to 16), 16 dims, 4 bytes.
         assert r["kv_bytes_per_step"] == 2 * 1 * r["batch"] * 4 * 19 * 16 * 4
         step_s = r["decode_s"] / 3  # the first of the 4 ids comes from the prefill

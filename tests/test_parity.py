@@ -12,10 +12,9 @@ import numpy as np
 import pytest
 
 import spmd
+from spmd.compiler.program import TrainProgram
 from spmd.models import get_model
 from spmd.train import optim
-from spmd.train.state import init_state
-from spmd.train.step import batch_shardings, compile_step
 
 BATCH, SEQ, STEPS = 32, 16, 3
 MESHES = [
@@ -41,19 +40,24 @@ def fixed_batches():
 
 
 def train(mesh_spec: str, n_devices: int, remat: str, grad_accum: int):
-    mesh = spmd.make_mesh(mesh_spec, jax.devices()[:n_devices])
-    model = get_model("gpt-tiny", {"remat": remat})
-    opt, schedule = optim.make_optimizer(OPTIM)
-    shapes = {"inputs": (BATCH, SEQ), "targets": (BATCH, SEQ)}
-    step = compile_step(model, opt, schedule, mesh, shapes, grad_accum=grad_accum)
-    state = init_state(model, opt, jax.random.key(0), mesh)
-    shardings = batch_shardings(model, shapes, mesh)
+    program = tiny_program(mesh_spec, n_devices, remat, grad_accum)
+    step = program.compile()
+    state = program.init_state(jax.random.key(0))
+    shardings = program.batch_shardings
     losses = []
     for batch in fixed_batches():
         batch = {k: jax.device_put(v, shardings[k]) for k, v in batch.items()}
         state, metrics = step(state, batch)
         losses.append(float(metrics["loss"]))
     return np.array(losses), jax.device_get(state.params)
+
+
+def tiny_program(mesh_spec, n_devices, remat="none", grad_accum=1) -> TrainProgram:
+    layout = spmd.Layout.make(mesh_spec, devices=jax.devices()[:n_devices])
+    model = get_model("gpt-tiny", {"remat": remat})
+    return TrainProgram.for_tokens(
+        model, layout, BATCH, SEQ, grad_accum=grad_accum, optimizer=OPTIM
+    )
 
 
 @functools.cache
@@ -97,8 +101,6 @@ def test_training_moves_the_parameters_far_beyond_the_tolerance():
     """Guards the parity tests against comparing runs that barely move."""
     losses, params = reference("none", 1)
     assert np.all(np.diff(losses) < 0)
-    mesh = spmd.make_mesh("data=1", jax.devices()[:1])
-    opt, _ = optim.make_optimizer(OPTIM)
-    start = jax.device_get(init_state(get_model("gpt-tiny"), opt, jax.random.key(0), mesh).params)
+    start = jax.device_get(tiny_program("data=1", 1).init_state(jax.random.key(0)).params)
     for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(start), strict=True):
         assert np.linalg.norm(a - b) / np.linalg.norm(b) > 100 * 1e-5

@@ -4,7 +4,8 @@ import pytest
 from conftest import run_spmd
 
 import spmd
-from spmd.compiler import analytic, cost, planner, report
+from spmd.compiler import analytic, candidates, cost, planner
+from spmd.compiler.program import build_model
 from spmd.errors import SpmdError
 from spmd.mesh import MESH_AXES
 
@@ -23,7 +24,7 @@ def sizes(spec: str, n: int) -> dict:
 def test_candidates_divide_the_model_and_keep_tensor_in_a_node():
     model = spmd.get_model("gpt-tiny", TINY)  # 8 heads, 4 kv heads
     h100 = cost.get_hardware("h100")
-    cands, rejected = planner.enumerate_candidates(model, 8, h100, 8, ["none"], [1])
+    cands, rejected = candidates.enumerate_candidates(model, 8, h100, 8, ["none"], [1])
     specs = {c.spec for c in cands}
     assert {"data=8", "fsdp=8", "data=2,tensor=4", "fsdp=4,tensor=2"} <= specs
     assert "tensor=8" not in specs
@@ -31,9 +32,9 @@ def test_candidates_divide_the_model_and_keep_tensor_in_a_node():
     assert all(sizes(c.spec, 8)["tensor"] <= 8 for c in cands)
     with pytest.raises(SpmdError, match="does not fit in one h100 node of 8 devices"):
         big = spmd.get_model("llama-7b")
-        planner.check_candidate(big, sizes("data=2,tensor=16", 32), 32, 1, h100)
+        candidates.check_candidate(big, sizes("data=2,tensor=16", 32), 32, 1, h100)
     with pytest.raises(SpmdError, match="batch=4 is not divisible by fsdp=8"):
-        planner.check_candidate(model, sizes("fsdp=8", 8), 4, 1, h100)
+        candidates.check_candidate(model, sizes("fsdp=8", 8), 4, 1, h100)
 
 
 def test_picks_data_parallel_for_a_tiny_model():
@@ -54,7 +55,7 @@ def test_picks_data_parallel_for_a_tiny_model():
     assert plan.n_compiled >= 1 and plan.best.fits
     # The compile is cached: asking again does not compile.
     c = plan.best.candidate
-    model = report.build_model("gpt-tiny", TINY, "none", "float32", 32)
+    model = build_model("gpt-tiny", TINY, remat="none", seq=32)
     _, cached = planner.compiled_stats(model, c, 8, 32)
     assert cached
 
@@ -62,7 +63,7 @@ def test_picks_data_parallel_for_a_tiny_model():
 def test_refuses_pure_dp_for_llama_7b_on_8_h100():
     model = spmd.get_model("llama-7b")
     h100 = cost.get_hardware("h100")
-    cands, _ = planner.enumerate_candidates(model, 8, h100, 8, planner.REMATS, [1, 2])
+    cands, _ = candidates.enumerate_candidates(model, 8, h100, 8, planner.REMATS, [1, 2])
     dp = [c for c in cands if c.spec == "data=8"]
     assert dp  # DP divides the model; memory is what rules it out
     for c in dp:

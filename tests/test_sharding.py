@@ -8,24 +8,23 @@ import numpy as np
 import pytest
 
 import spmd
+from spmd.compiler.program import TrainProgram
 from spmd.models import get_model
 from spmd.train import optim
-from spmd.train.state import init_state
-from spmd.train.step import batch_shardings, compile_step
-
-SHAPES = {"inputs": (8, 16), "targets": (8, 16)}
 
 
 def stepped_state(mesh_spec: str):
     """The state after one compiled step, so the shardings are those the step produces."""
-    mesh = spmd.make_mesh(mesh_spec)
-    model = get_model("gpt-tiny", {"n_layers": 2})
-    opt, schedule = optim.make_optimizer(optim.OptimConfig(total_steps=2))
-    step = compile_step(model, opt, schedule, mesh, SHAPES)
-    state = init_state(model, opt, jax.random.key(0), mesh)
-    sh = batch_shardings(model, SHAPES, mesh)
-    batch = {k: jax.device_put(np.ones(s, np.int32), sh[k]) for k, s in SHAPES.items()}
-    state, _ = step(state, batch)
+    program = TrainProgram.for_tokens(
+        get_model("gpt-tiny", {"n_layers": 2}),
+        spmd.Layout.make(mesh_spec),
+        8,
+        16,
+        optimizer=optim.OptimConfig(total_steps=2),
+    )
+    sh = program.batch_shardings
+    batch = {k: jax.device_put(np.ones(s, np.int32), sh[k]) for k, s in program.shapes.items()}
+    state, _ = program.compile()(program.init_state(jax.random.key(0)), batch)
     return state
 
 

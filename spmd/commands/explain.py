@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from spmd.cli import positive_int
+from spmd.models.gpt import DTYPES, REMAT_POLICIES
 
 # It compiles on simulated devices only: never join a multi-process job.
 RUNS_JAX = False
@@ -14,7 +15,7 @@ def add_parser(sub) -> None:
     )
     add_model_flags(p)
     p.add_argument("--mesh", default="data=-1", help="e.g. fsdp=4,tensor=2 (default: data=-1)")
-    p.add_argument("--remat", default="none", choices=["none", "full", "dots"])
+    p.add_argument("--remat", choices=REMAT_POLICIES, help="default: the model's own (none)")
     p.add_argument("--grad-accum", type=positive_int, default=1)
     p.add_argument("--top", type=positive_int, default=8, help="largest parameters to list")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
@@ -34,7 +35,7 @@ def add_model_flags(p) -> None:
         "--batch", type=positive_int, help="global batch in sequences (default: max(8, devices))"
     )
     p.add_argument("--seq", type=positive_int, default=128, help="sequence length in tokens")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--dtype", choices=list(DTYPES), help="compute dtype (default: the model's)")
     p.add_argument(
         "--hardware",
         default="cpu",
@@ -43,7 +44,7 @@ def add_model_flags(p) -> None:
 
 
 def run(args) -> int:
-    from spmd.compiler import cost, report
+    from spmd.compiler import cost, render, report
     from spmd.models import parse_overrides
 
     cost.get_hardware(args.hardware)  # a bad name fails before JAX starts
@@ -59,5 +60,5 @@ def run(args) -> int:
         overrides=parse_overrides(args.overrides),
         hlo_path=args.hlo,
     )
-    print(report.dumps(rep) if args.json else rep.render_text(args.top))
+    print(report.dumps(rep) if args.json else render.render_text(rep, args.top))
     return 0

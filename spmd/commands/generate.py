@@ -83,7 +83,7 @@ def build(args, sampling):
     from spmd import checkpoint
     from spmd.data.tokenizer import ByteTokenizer, load_tokenizer
     from spmd.inference import Generator
-    from spmd.mesh import make_mesh
+    from spmd.layout import Layout
     from spmd.models import get_model
 
     run_cfg = checkpoint.load_run_config(args.ckpt_dir, args.step)
@@ -98,17 +98,16 @@ def build(args, sampling):
         # mass, and they decode to nothing.
         vocab_limit=tokenizer.eos_id + 1 if isinstance(tokenizer, ByteTokenizer) else None,
     )
-    mesh = make_mesh(args.mesh) if args.mesh else make_mesh("data=1", jax.devices()[:1])
-    return Generator(model, mesh, sampling), tokenizer
+    layout = Layout.make(args.mesh) if args.mesh else Layout.make("data=1", None, jax.devices()[:1])
+    return Generator(model, layout, sampling), tokenizer
 
 
 def load_params(args, generator):
     """The checkpoint's weights, read straight onto the mesh, as per-layer decode weights."""
     from spmd import checkpoint
 
-    model, mesh, rules = generator.model, generator.mesh, generator.rules
     return generator.prepare(
-        checkpoint.restore_params(args.ckpt_dir, model, mesh, rules, args.step)
+        checkpoint.restore_params(args.ckpt_dir, generator.model, generator.layout, args.step)
     )
 
 

@@ -8,10 +8,9 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from spmd import params as P
     from spmd.models import get_model, model_names
 
     for name in model_names():
         model = get_model(name)
-        print(f"{name:10s} {P.count(model.specs()) / 1e6:10.1f}M  {model.cfg}")
+        print(f"{name:10s} {model.n_params / 1e6:10.1f}M  {model.cfg}")
     return 0

@@ -31,7 +31,7 @@ def run(args) -> int:
     import json
 
     from spmd.compiler import cost, planner
-    from spmd.compiler.report import fmt_bytes, fmt_time
+    from spmd.compiler.render import fmt_bytes, fmt_time
     from spmd.models import parse_overrides
 
     hw = cost.get_hardware(args.hardware)  # a bad name fails before JAX starts

@@ -1,95 +1,99 @@
-"""`spmd train`: train a model on a device mesh."""
+"""`spmd train`: train a model on a device mesh.
+
+Every flag is a `TrainConfig` field (`--grad-accum` is `grad_accum`) and takes its default
+from there, so the CLI and the Python API cannot drift apart. Three flags read differently
+from their field: `--set` fills `overrides`, `--no-progress` clears `progress` and
+`--sync-ckpt` clears `async_ckpt`.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 
 from spmd.cli import positive_int
+from spmd.models.gpt import DTYPES, REMAT_POLICIES
+from spmd.train.config import TrainConfig
+
+DEFAULTS = TrainConfig()
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser("train", help="train a model on a device mesh")
-    p.add_argument("--model", default="gpt-tiny", help="a preset name (see `spmd models`)")
+    field = _field_adder(p)
+    field("model", help="a preset name (see `spmd models`)")
     p.add_argument(
-        "--set",
-        dest="overrides",
-        default="",
-        help="override model fields, e.g. d_model=256,n_layers=2",
+        "--set", dest="overrides", default="", help="override model fields, e.g. d_model=256"
     )
-    p.add_argument(
-        "--mesh", default="data=-1", help="e.g. fsdp=4,tensor=2, or auto (the planner's pick)"
-    )
+    field("mesh", help="e.g. fsdp=4,tensor=2, or auto (the planner's pick)")
     p.add_argument(
         "--devices", type=positive_int, help="simulate N CPU devices (must come before JAX starts)"
     )
-    p.add_argument("--steps", type=positive_int, default=100)
-    p.add_argument("--batch", type=positive_int, default=8, help="the global batch, in sequences")
-    p.add_argument("--seq", type=positive_int, default=128, help="sequence length in tokens")
-    p.add_argument("--grad-accum", type=positive_int, default=1)
-    p.add_argument("--remat", default="none", choices=["none", "full", "dots"])
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--warmup", type=int, default=10)
-    p.add_argument(
-        "--schedule-steps",
+    field("steps", type=positive_int)
+    field("batch", type=positive_int, help="the global batch, in sequences")
+    field("seq", type=positive_int, help="sequence length in tokens")
+    field("grad_accum", type=positive_int)
+    field("remat", choices=REMAT_POLICIES, help="default: the model's own (none)")
+    field("dtype", choices=list(DTYPES), help="compute dtype (default: the model's own)")
+    field("lr", type=float)
+    field("warmup", type=int, help="warm-up steps of the LR schedule")
+    field(
+        "schedule_steps",
         type=positive_int,
         help="length of the LR schedule (default: --steps; keep it fixed when extending a run)",
     )
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--data", help="a text file, folder, glob or .jsonl (default: Python stdlib)")
-    p.add_argument("--tokenizer", help="BPE tokenizer JSON (default: bytes)")
-    p.add_argument("--metrics-file", help="write one JSON object per step here")
+    field("seed", type=int)
+    field("data", help="a text file, folder, glob or .jsonl (default: Python stdlib)")
+    field("tokenizer", help="BPE tokenizer JSON (default: bytes)")
+    field("metrics_file", help="write one JSON object per step here")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--eval-every", type=positive_int, help="eval loss on the validation split")
-    p.add_argument("--eval-batches", type=positive_int, default=4, help="batches per eval")
-    p.add_argument("--tensorboard", metavar="DIR", help="also write TensorBoard logs here")
-    p.add_argument("--plot", metavar="FILE", help="write a loss-curve PNG at the end")
-    p.add_argument("--ckpt-dir", help="save sharded checkpoints here (asynchronously)")
-    p.add_argument("--ckpt-every", type=positive_int, default=100, help="steps between saves")
-    p.add_argument("--keep", type=positive_int, default=3, help="checkpoints to keep")
+    field("eval_every", type=positive_int, help="eval loss on the validation split")
+    field("eval_batches", type=positive_int, help="batches per eval")
+    field("tensorboard", metavar="DIR", help="also write TensorBoard logs here")
+    field("plot", metavar="FILE", help="write a loss-curve PNG at the end")
+    field("ckpt_dir", help="save sharded checkpoints here (asynchronously)")
+    field("ckpt_every", type=positive_int, help="steps between saves")
+    field("keep", type=positive_int, help="checkpoints to keep")
     p.add_argument("--resume", action="store_true", help="continue from the newest valid ckpt")
     p.add_argument("--sync-ckpt", action="store_true", help="block on every save (for comparison)")
 
 
-def run(args) -> int:
-    from spmd.models import parse_overrides
-    from spmd.train.trainer import TrainConfig, run
+def _field_adder(p):
+    """`--name` for TrainConfig field `name`, its default taken from the config."""
 
-    mesh = args.mesh
-    if mesh == "auto":  # the planner picks the layout for the devices JAX sees
+    def add(name: str, help: str | None = None, **kwargs):
+        default, text = getattr(DEFAULTS, name), help or ""
+        if default is not None and "default" not in text:
+            text += f" (default: {default})"
+        p.add_argument("--" + name.replace("_", "-"), default=default, help=text, **kwargs)
+
+    return add
+
+
+def config_from_args(args) -> TrainConfig:
+    from spmd.models import parse_overrides
+
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    values = {k: v for k, v in vars(args).items() if k in names}
+    values.update(
+        overrides=tuple(parse_overrides(args.overrides).items()),
+        progress=not args.no_progress,
+        async_ckpt=not args.sync_ckpt,
+    )
+    return TrainConfig(**values)
+
+
+def run(args) -> int:
+    from spmd.train.trainer import run
+
+    cfg = config_from_args(args)
+    if cfg.mesh == "auto":  # the planner picks the layout for the devices JAX sees
         from spmd.compiler.planner import plan_mesh_for_train
 
         mesh = plan_mesh_for_train(
-            args.model, parse_overrides(args.overrides), args.batch, args.seq, args.remat,
-            args.grad_accum, args.dtype,
+            cfg.model, dict(cfg.overrides), cfg.batch, cfg.seq, cfg.remat, cfg.grad_accum,
+            cfg.dtype,
         )  # fmt: skip
-    cfg = TrainConfig(
-        model=args.model,
-        overrides=tuple(parse_overrides(args.overrides).items()),
-        mesh=mesh,
-        steps=args.steps,
-        batch=args.batch,
-        seq=args.seq,
-        grad_accum=args.grad_accum,
-        remat=args.remat,
-        dtype=args.dtype,
-        lr=args.lr,
-        warmup=args.warmup,
-        schedule_steps=args.schedule_steps,
-        seed=args.seed,
-        data=args.data,
-        tokenizer=args.tokenizer,
-        metrics_file=args.metrics_file,
-        progress=not args.no_progress,
-        eval_every=args.eval_every,
-        eval_batches=args.eval_batches,
-        tensorboard=args.tensorboard,
-        plot=args.plot,
-        ckpt_dir=args.ckpt_dir,
-        ckpt_every=args.ckpt_every,
-        keep=args.keep,
-        resume=args.resume,
-        async_ckpt=not args.sync_ckpt,
-    )
+        cfg = dataclasses.replace(cfg, mesh=mesh)
     run(cfg, argv=sys.argv[1:])
     return 0

@@ -9,30 +9,24 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING
 
 import jax
 import numpy as np
 
-from spmd import params as P
+from spmd import params as param_lib
 from spmd.compiler import cost
+from spmd.compiler.candidates import Candidate
+from spmd.layout import Layout
 from spmd.mesh import MESH_AXES
 from spmd.models import Model
-from spmd.rules import batch_shards, logical_to_spec
-
-if TYPE_CHECKING:
-    from spmd.compiler.planner import Candidate
 
 
-def abstract_mesh(sizes: Mapping[str, int]):
-    return jax.sharding.AbstractMesh(tuple(sizes[a] for a in MESH_AXES), MESH_AXES)
-
-
-def _param_bytes(model: Model, sizes, rules=None) -> float:
-    mesh = abstract_mesh(sizes)
+def param_bytes(model: Model, sizes, rules=None) -> float:
+    """Bytes of one device's parameter shards (as stored) on a mesh of these sizes."""
+    layout = Layout.abstract(sizes, rules)
     total = 0
-    for spec in jax.tree.leaves(model.specs(), is_leaf=P.is_spec):
-        pspec = logical_to_spec(spec.axes, mesh, rules, spec.shape)
+    for spec in jax.tree.leaves(model.specs(), is_leaf=param_lib.is_spec):
+        pspec = layout.pspec(spec.axes, spec.shape)
         split = 1
         for entry in pspec:
             for axis in (entry,) if isinstance(entry, str) else entry or ():
@@ -54,11 +48,11 @@ def analytic_estimate(model: Model, c: Candidate, batch: int, seq: int, hw, dtyp
     Parameter and optimizer shards are exact; activations, traffic and collectives follow
     spmd.models.gpt's structure, calibrated against compiles of gpt-small and llama-7b."""
     s = c.sizes
-    shards = batch_shards(abstract_mesh(s), rules)
+    shards = c.layout(rules).batch_shards
     n = batch // c.grad_accum // shards * seq  # tokens per device per microbatch
     cb = 2 if dtype == "bfloat16" else 4
-    params = _param_bytes(model, s, rules)  # float32 shards, as stored
-    gathered = _param_bytes(model, s | {"fsdp": 1, "data": 1}, rules)  # after FSDP gathers
+    params = param_bytes(model, s, rules)  # float32 shards, as stored
+    gathered = param_bytes(model, s | {"fsdp": 1, "data": 1}, rules)  # after FSDP gathers
     memory = _analytic_memory(model.cfg, s, c.remat, n, seq, cb, params, gathered)
     memory += 2 * 4 * batch * seq / shards  # inputs and targets
     traffic = _analytic_bytes(model.cfg, s, c, n, seq, cb, params, gathered)
@@ -109,7 +103,7 @@ def _analytic_comm(model, s, c, n, cb, params, gathered, rules) -> list[cost.Com
     d, L, v, ga = model.cfg.d_model, model.cfg.n_layers, model.cfg.vocab_size, c.grad_accum
     layer_weights = sum(
         1
-        for spec in jax.tree.leaves(model.specs(), is_leaf=P.is_spec)
+        for spec in jax.tree.leaves(model.specs(), is_leaf=param_lib.is_spec)
         if "layers" in spec.axes and "embed" in spec.axes
     )
     items = []

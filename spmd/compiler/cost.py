@@ -125,6 +125,21 @@ def get_hardware(name: str) -> Hardware:
 
 def detect_hardware() -> str:
     """The profile for the devices JAX sees (starts the backend); `cpu` if unknown."""
+    return _profile_name() or "cpu"
+
+
+def hardware_of_devices() -> Hardware | None:
+    """The profile of the devices JAX runs on, or None for an accelerator without one
+    (its MFU is then unknown rather than measured against the wrong peak)."""
+    import jax
+
+    name = _profile_name()
+    if name is None and jax.devices()[0].platform == "cpu":
+        name = "cpu"
+    return HARDWARE[name] if name else None
+
+
+def _profile_name() -> str | None:
     import jax
 
     kind = jax.devices()[0].device_kind.lower()
@@ -132,7 +147,7 @@ def detect_hardware() -> str:
                       ("v5 lite", "tpu-v5e"), ("v5e", "tpu-v5e"), ("v4", "tpu-v4")):  # fmt: skip
         if key in kind:
             return name
-    return "cpu"
+    return None
 
 
 # --- Collectives ---------------------------------------------------------------------------
@@ -235,8 +250,16 @@ def predict(
         exposed_comm_s=exposed,
         step_time_s=step,
         tokens_per_s=tokens_per_step / step,
-        mfu=model_flops_per_step / (step * hw.peak_flops * devices / share),
+        mfu=mfu(model_flops_per_step, step, hw, devices),
     )
+
+
+def mfu(model_flops_per_step: float, step_time_s: float, hw: Hardware, devices: int) -> float:
+    """Model FLOPs per second over the peak of `devices` devices of `hw`: the one MFU of
+    spmd, predicted (`spmd explain`, `spmd plan`) or measured (the training progress bar).
+    Simulated devices share one host, whose peak is the profile's."""
+    peak = hw.peak_flops if hw.shared_host else hw.peak_flops * devices
+    return model_flops_per_step / (step_time_s * peak)
 
 
 # --- Model FLOPs ---------------------------------------------------------------------------
@@ -260,6 +283,4 @@ def model_flops_per_step(model, batch: int, seq: int, causal: bool = True) -> fl
     cfg = model.cfg
     if all(hasattr(cfg, a) for a in ("d_model", "n_heads", "n_kv_heads", "head_dim", "d_ff")):
         return batch * seq * model_flops_per_token(cfg, seq, causal)
-    from spmd import params as P  # models without a transformer config: 6 N per example
-
-    return 6.0 * P.count(model.specs()) * batch
+    return 6.0 * model.n_params * batch  # models without a transformer config: 6 N per example

@@ -21,12 +21,12 @@ from collections import defaultdict
 from collections.abc import Mapping
 
 from spmd.compiler.replica_groups import (  # noqa: F401  (parse_replica_groups is re-exported)
-    _balanced,
-    _split_top,
     axes_crossed,
+    balanced,
     parse_replica_groups,
     permute_groups,
     replica_groups_text,
+    split_top,
 )
 
 KINDS = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
@@ -42,7 +42,7 @@ DTYPE_BYTES = {
 }  # fmt: skip
 _FP8 = re.compile(r"f8e\w+|f4e\w+")
 # Ops that move no data of their own (views, plumbing, control flow handled by recursion).
-_NO_COST = {
+NO_COST = {
     "parameter", "constant", "get-tuple-element", "tuple", "bitcast", "while", "call",
     "conditional", "after-all", "partition-id", "replica-id", "opt-barrier",
     "all-reduce-done", "all-gather-done", "collective-permute-done", "async-done",
@@ -103,11 +103,12 @@ class Module:
             for ins in comp.instrs:
                 if ins.opcode == "while":
                     trips = trip_count(ins) or 1
-                    visit(_attr_comp(ins.attrs, "body"), m * trips, depth + 1)
-                    visit(_attr_comp(ins.attrs, "condition"), m * (trips + 1), depth + 1)
+                    visit(attr_computation(ins.attrs, "body"), m * trips, depth + 1)
+                    visit(attr_computation(ins.attrs, "condition"), m * (trips + 1), depth + 1)
                 elif ins.opcode in ("call", "async-start"):
                     visit(
-                        _attr_comp(ins.attrs, "to_apply") or _attr_comp(ins.attrs, "calls"),
+                        attr_computation(ins.attrs, "to_apply")
+                        or attr_computation(ins.attrs, "calls"),
                         m,
                         depth + 1,
                     )
@@ -203,15 +204,15 @@ def parse_instruction(line: str) -> Instr | None:
         return None
     rest = line[m.end() :]
     if rest.startswith("("):
-        end = _balanced(rest, 0, "(", ")")
+        end = balanced(rest, 0, "(", ")")
         shape, rest = rest[: end + 1], rest[end + 1 :].lstrip()
     else:
         shape, _, rest = rest.partition(" ")
     op = re.match(r"([\w\-]+)\(", rest)
     if not op:
         return None
-    end = _balanced(rest, op.end() - 1, "(", ")")
-    operands = [_operand_name(o) for o in _split_top(rest[op.end() : end])]
+    end = balanced(rest, op.end() - 1, "(", ")")
+    operands = [_operand_name(o) for o in split_top(rest[op.end() : end])]
     return Instr(m.group(1), shape, op.group(1), [o for o in operands if o], rest[end + 1 :])
 
 
@@ -248,7 +249,7 @@ def trip_count(ins: Instr) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def _attr_comp(attrs: str, key: str) -> str:
+def attr_computation(attrs: str, key: str) -> str:
     m = re.search(rf"\b{key}=%?([\w.\-]+)", attrs)
     return m.group(1) if m else ""
 
@@ -257,7 +258,9 @@ def _branches(attrs: str) -> list[str]:
     m = re.search(r"branch_computations=\{([^}]*)\}", attrs)
     if m:
         return [b.strip().lstrip("%") for b in m.group(1).split(",")]
-    return [c for k in ("true_computation", "false_computation") if (c := _attr_comp(attrs, k))]
+    return [
+        c for k in ("true_computation", "false_computation") if (c := attr_computation(attrs, k))
+    ]
 
 
 # --- Collectives ---------------------------------------------------------------------------
@@ -293,7 +296,7 @@ def _collective(module, comp, ins, kind, mult, mesh_shape, n_devices) -> list[Co
         "group": tuple(sorted(groups[0])),
         "computation": comp.name,
     }
-    arrays = [a for o in ins.operands for a in array_shapes(_value_shape(comp, o))]
+    arrays = [a for o in ins.operands for a in array_shapes(value_shape(comp, o))]
     operand_bytes = int(sum(_dtype_bytes(dt) * math.prod(dims) for dt, dims in arrays))
     result_bytes = _result_bytes(ins, kind, operand_bytes, size)
     scattered = []
@@ -312,7 +315,7 @@ def _collective(module, comp, ins, kind, mult, mesh_shape, n_devices) -> list[Co
     return out
 
 
-def _value_shape(comp: Computation, name: str) -> str:
+def value_shape(comp: Computation, name: str) -> str:
     ins = comp.by_name.get(name)
     return ins.shape if ins else ""
 
@@ -354,7 +357,7 @@ def _only_sliced(module: Module, comp: Computation, name: str, full: int, depth:
             if not _only_sliced(module, comp, user.name, full, depth + 1):
                 return False
         elif user.opcode == "fusion":
-            fused = module.computations.get(_attr_comp(user.attrs, "calls"))
+            fused = module.computations.get(attr_computation(user.attrs, "calls"))
             param = fused.params.get(pos) if fused else None
             if param is None:
                 return False

@@ -1,6 +1,6 @@
 """The automatic planner: search mesh layouts, remat policies and grad-accum counts.
 
-1. Enumerate: every factorisation of the devices over `SEARCH_AXES` that divides every
+1. Enumerate (`candidates.py`): every factorisation of the devices that divides every
    parameter and the (micro)batch (the same checks the train step makes: SpmdError), with
    `tensor` inside one node, times each remat policy and grad-accum count.
 2. Pre-filter analytically: per-device memory (exact parameter/optimizer shards plus an
@@ -28,37 +28,18 @@ from pathlib import Path
 
 import jax
 
-from spmd import params as P
-from spmd.compiler import cost, report
-from spmd.compiler.analytic import _param_bytes, abstract_mesh, analytic_estimate
+from spmd.compiler import cost, render, report
+from spmd.compiler.analytic import analytic_estimate, param_bytes
+from spmd.compiler.candidates import Candidate, enumerate_candidates
+from spmd.compiler.program import TrainProgram, build_model
 from spmd.errors import SpmdError
-from spmd.mesh import MESH_AXES, MeshConfig
+from spmd.layout import Layout
 from spmd.models import Model
-from spmd.rules import Rules, logical_to_spec
+from spmd.rules import Rules
 
-# `sequence` and `stage` join the search once ring attention and pipelining exist.
-SEARCH_AXES = ("data", "fsdp", "tensor")
 REMATS = ("none", "dots", "full")
 SIMULATION_LIMIT = 512  # above this, compiling on simulated CPU devices gets slow
 ANALYTIC_SLACK = 1.25  # compile candidates the analytic model puts up to 25% over memory
-
-
-@dataclasses.dataclass(frozen=True)
-class Candidate:
-    mesh: tuple[tuple[str, int], ...]  # all six axes
-    remat: str
-    grad_accum: int
-
-    @property
-    def sizes(self) -> dict[str, int]:
-        return dict(self.mesh)
-
-    @property
-    def spec(self) -> str:
-        return MeshConfig(**self.sizes).spec()
-
-    def label(self) -> str:
-        return f"{self.spec} remat={self.remat} grad_accum={self.grad_accum}"
 
 
 @dataclasses.dataclass
@@ -123,50 +104,6 @@ class Plan:
         }
 
 
-# --- Candidates ----------------------------------------------------------------------------
-
-
-def _factorisations(n: int, k: int) -> list[tuple[int, ...]]:
-    if k == 1:
-        return [(n,)]
-    return [(d, *rest) for d in _divisors(n) for rest in _factorisations(n // d, k - 1)]
-
-
-def _divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
-
-
-def check_candidate(model: Model, sizes, batch, grad_accum, hw, rules=None) -> None:
-    """Raise SpmdError (naming the culprit) if this layout cannot run the model."""
-    from spmd.train.step import check_batch
-
-    if sizes["tensor"] > hw.devices_per_node or hw.devices_per_node % sizes["tensor"]:
-        raise SpmdError(
-            f"tensor={sizes['tensor']} does not fit in one {hw.name} node of "
-            f"{hw.devices_per_node} devices"
-        )
-    mesh = abstract_mesh(sizes)
-    for spec in jax.tree.leaves(model.specs(), is_leaf=P.is_spec):
-        logical_to_spec(spec.axes, mesh, rules, spec.shape)
-    check_batch(batch, grad_accum, mesh, rules)
-
-
-def enumerate_candidates(
-    model: Model, devices: int, hw: cost.Hardware, batch: int, remats, grad_accums, rules=None
-) -> tuple[list[Candidate], list[tuple[str, str]]]:
-    ok, rejected = [], []
-    for factors in _factorisations(devices, len(SEARCH_AXES)):
-        sizes = {a: 1 for a in MESH_AXES} | dict(zip(SEARCH_AXES, factors, strict=True))
-        for ga in grad_accums:
-            try:
-                check_candidate(model, sizes, batch, ga, hw, rules)
-            except SpmdError as e:
-                rejected.append((MeshConfig(**sizes).spec(), str(e)))
-                continue
-            ok += [Candidate(tuple(sizes.items()), r, ga) for r in remats]
-    return ok, rejected
-
-
 # --- Compile cache -------------------------------------------------------------------------
 
 
@@ -204,15 +141,16 @@ def _cache_key(model: Model, c: Candidate, batch, seq, rules) -> str:
 
 def compiled_stats(model: Model, c: Candidate, batch, seq, rules=None, use_cache=True):
     """CompiledStats for a candidate, from the disk cache or a fresh ahead-of-time compile."""
-    from spmd.mesh import make_mesh
-
     path = cache_dir() / f"{_cache_key(model, c, batch, seq, rules)}.json"
     if use_cache and path.exists():
         try:
             return report.CompiledStats.from_json(json.loads(path.read_text())), True
         except (ValueError, KeyError, TypeError):
             pass  # a stale or torn entry: compile again
-    stats = report.compile_stats(model, make_mesh(c.sizes), batch, seq, c.grad_accum, rules)
+    program = TrainProgram.for_tokens(
+        model, Layout.make(c.sizes, rules), batch, seq, grad_accum=c.grad_accum
+    )
+    stats = report.compile_stats(program)
     if use_cache:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".tmp{os.getpid()}")
@@ -230,7 +168,7 @@ def plan(
     hardware: str = "cpu",
     batch: int | None = None,
     seq: int = 128,
-    dtype: str = "float32",
+    dtype: str | None = None,
     overrides: Mapping | None = None,
     remats: Sequence[str] = REMATS,
     grad_accums: Sequence[int] | None = None,
@@ -245,7 +183,10 @@ def plan(
     hw = cost.get_hardware(hardware)
     batch = batch or report.default_batch(devices)
     grad_accums = grad_accums or [ga for ga in (1, 2, 4, 8) if batch % ga == 0]
-    models = {r: report.build_model(model_name, overrides, r, dtype, seq) for r in remats}
+    if overrides and "remat" in overrides:  # `--set remat=...` fixes the policy: search no other
+        remats = (str(overrides["remat"]),)
+    models = {r: build_model(model_name, overrides, remat=r, dtype=dtype, seq=seq) for r in remats}
+    dtype = getattr(models[remats[0]].cfg, "compute_dtype", "float32")
     cands, rejected = enumerate_candidates(
         models[remats[0]], devices, hw, batch, remats, grad_accums, rules
     )
@@ -334,7 +275,7 @@ class _Calibration:
 
     def state(self, c: Candidate) -> float:
         # float32 parameters, two Adam moments and the gradients: exact, never scaled
-        return 4 * _param_bytes(self.models[c.remat], c.sizes, self.rules)
+        return 4 * param_bytes(self.models[c.remat], c.sizes, self.rules)
 
     def corrected(self, c: Candidate, estimate: float) -> float:
         state = self.state(c)
@@ -363,17 +304,18 @@ def _compile_best(fitting, batch, seq, hw, calib, want, max_compiles, use_cache,
         t = time.perf_counter()
         model = calib.models[c.remat]
         stats, cached = compiled_stats(model, c, batch, seq, calib.rules, use_cache)
-        rep = report.make_report(
-            model, abstract_mesh(c.sizes), batch, seq, c.grad_accum, hw, stats, calib.rules
+        program = TrainProgram.for_tokens(
+            model, c.layout(calib.rules), batch, seq, grad_accum=c.grad_accum
         )
+        rep = report.make_report(program, hw, stats)
         s = Scored(c, "compiled", stats.memory["total_bytes"], rep.fits, rep.prediction, rep)
         out.append(s)
         calib.update(c, estimate, s.memory_bytes)
         if progress:
             how = "cached" if cached else f"{time.perf_counter() - t:.0f}s"
             verdict = "fits" if s.fits else "does not fit"
-            step = report.fmt_time(s.prediction.step_time_s)
-            mem = report.fmt_bytes(s.memory_bytes)
+            step = render.fmt_time(s.prediction.step_time_s)
+            mem = render.fmt_bytes(s.memory_bytes)
             print(f" {how}, {mem}/device, {verdict}, step {step}", file=sys.stderr, flush=True)
     return out
 
@@ -382,17 +324,18 @@ def plan_mesh_for_train(
     model_name, overrides, batch, seq, remat, grad_accum, dtype, rules=None, compile_top=3
 ) -> str:
     """`spmd train --mesh auto`: the best mesh for the devices JAX sees, keeping the run's
-    remat and grad-accum, scored on the hardware JAX runs on."""
+    remat and grad-accum (None: the model's own), scored on the hardware JAX runs on."""
     hardware = cost.detect_hardware()
+    cfg = build_model(model_name, overrides, remat=remat, dtype=dtype, seq=seq).cfg
     p = plan(
         model_name,
         jax.device_count(),
         hardware,
         batch,
         seq,
-        dtype,
+        getattr(cfg, "compute_dtype", "float32"),
         overrides,
-        remats=(remat,),
+        remats=(getattr(cfg, "remat", "none"),),
         grad_accums=(grad_accum,),
         compile_top=compile_top,
         rules=rules,

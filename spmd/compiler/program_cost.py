@@ -11,18 +11,18 @@ import math
 import re
 
 from spmd.compiler.hlo import (
-    _NO_COST,
+    NO_COST,
     Computation,
     Instr,
     Module,
-    _attr_comp,
-    _value_shape,
     array_shapes,
+    attr_computation,
     parse_module,
     shape_bytes,
     shape_elements,
+    value_shape,
 )
-from spmd.compiler.replica_groups import _ints
+from spmd.compiler.replica_groups import ints
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,14 +51,14 @@ def program_cost(module: Module | str) -> ProgramCost:
 
 def _instr_dot_flops(module: Module, comp: Computation, ins: Instr, cache: dict) -> float:
     if ins.opcode == "dot":
-        lhs = array_shapes(_value_shape(comp, ins.operands[0]))
+        lhs = array_shapes(value_shape(comp, ins.operands[0]))
         m = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", ins.attrs)
         if not lhs or not m:
             return 0.0
-        contracted = math.prod(lhs[0][1][d] for d in _ints(m.group(1)))
+        contracted = math.prod(lhs[0][1][d] for d in ints(m.group(1)))
         return 2.0 * shape_elements(ins.shape) * contracted
     if ins.opcode == "convolution":
-        rhs = array_shapes(_value_shape(comp, ins.operands[1]))
+        rhs = array_shapes(value_shape(comp, ins.operands[1]))
         out = array_shapes(ins.shape)
         if not rhs or not out:
             return 0.0
@@ -66,7 +66,7 @@ def _instr_dot_flops(module: Module, comp: Computation, ins: Instr, cache: dict)
         out_features = out[0][1][-1] if out[0][1] else 1
         return 2.0 * shape_elements(ins.shape) * math.prod(rhs[0][1]) / max(out_features, 1)
     if ins.opcode == "fusion":
-        called = _attr_comp(ins.attrs, "calls")
+        called = attr_computation(ins.attrs, "calls")
         if called not in cache:
             fused = module.computations.get(called)
             cache[called] = (
@@ -81,16 +81,16 @@ def _instr_dot_flops(module: Module, comp: Computation, ins: Instr, cache: dict)
 def _instr_bytes(module: Module, comp: Computation, ins: Instr, cache: dict) -> float:
     """HBM bytes an op reads and writes. Slices read only the slice, and an in-place
     dynamic-update-slice writes only the update (the stacked-layer buffers of a scan)."""
-    if ins.opcode in _NO_COST:
+    if ins.opcode in NO_COST:
         return 0.0
     if ins.opcode == "dynamic-slice":
         return 2.0 * shape_bytes(ins.shape)
     if ins.opcode == "dynamic-update-slice":
-        return 2.0 * shape_bytes(_value_shape(comp, ins.operands[1]))
-    operands = [shape_bytes(_value_shape(comp, o)) for o in ins.operands]
+        return 2.0 * shape_bytes(value_shape(comp, ins.operands[1]))
+    operands = [shape_bytes(value_shape(comp, o)) for o in ins.operands]
     result = shape_bytes(ins.shape)
     if ins.opcode == "fusion":
-        called = _attr_comp(ins.attrs, "calls")
+        called = attr_computation(ins.attrs, "calls")
         if called not in cache and called in module.computations:
             cache[called] = _fusion_access(module.computations[called])
         params, root = cache.get(called, ({}, None))
@@ -112,5 +112,5 @@ def _fusion_access(fused: Computation) -> tuple[dict[int, float], float | None]:
     root = fused.by_name.get(fused.root)
     written = None
     if root is not None and root.opcode == "dynamic-update-slice":
-        written = shape_bytes(_value_shape(fused, root.operands[1]))
+        written = shape_bytes(value_shape(fused, root.operands[1]))
     return params, written

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from spmd.compiler.report import Report
+from spmd.compiler.report import Report
 
 
 def fmt_bytes(n: float) -> str:

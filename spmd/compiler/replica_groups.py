@@ -20,7 +20,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 
-def _balanced(s: str, start: int, open_: str, close: str) -> int:
+def balanced(s: str, start: int, open_: str, close: str) -> int:
     depth = 0
     for i in range(start, len(s)):
         if s[i] == open_:
@@ -32,7 +32,7 @@ def _balanced(s: str, start: int, open_: str, close: str) -> int:
     return len(s) - 1
 
 
-def _split_top(s: str) -> list[str]:
+def split_top(s: str) -> list[str]:
     parts, depth, cur = [], 0, []
     for ch in s:
         if ch in "([{":
@@ -60,7 +60,7 @@ def replica_groups_text(attrs: str) -> str | None:
         return None
     rest = attrs[m.end() :]
     if rest.startswith("{"):
-        return rest[: _balanced(rest, 0, "{", "}") + 1]
+        return rest[: balanced(rest, 0, "{", "}") + 1]
     for pattern in (_IOTA, _MESH):
         mm = re.match(pattern, rest)
         if mm:
@@ -90,7 +90,7 @@ def _iota_array(dims: Sequence[int], perm: Sequence[int] | None) -> np.ndarray:
     return arr.transpose(perm) if perm else arr
 
 
-def _ints(s: str) -> list[int]:
+def ints(s: str) -> list[int]:
     return [int(x) for x in s.split(",") if x.strip()]
 
 
@@ -98,8 +98,8 @@ def _iota_groups(text: str) -> list[list[int]]:
     m = re.fullmatch(r"\[([\d,]+)\]<=\[([\d,]+)\](?:T\(([\d,]+)\))?", text)
     if not m:
         raise ValueError(f"unrecognised iota replica groups {text!r}")
-    shape = _ints(m.group(1))
-    arr = _iota_array(_ints(m.group(2)), _ints(m.group(3)) if m.group(3) else None)
+    shape = ints(m.group(1))
+    arr = _iota_array(ints(m.group(2)), ints(m.group(3)) if m.group(3) else None)
     return arr.reshape(shape[0], -1).tolist()
 
 
@@ -110,7 +110,7 @@ def _mesh_groups(text: str) -> list[list[int]]:
     if not m:
         raise ValueError(f"unrecognised mesh replica groups {text!r}")
     names, sizes = [], []
-    for part in _split_top(m.group(1)):
+    for part in split_top(m.group(1)):
         name, _, size = part.rpartition("=")
         names.append(name.strip().strip("'\""))
         sizes.append(int(size))
@@ -152,10 +152,10 @@ def _device_ids(text: str | None, sizes: Sequence[int]) -> np.ndarray:
     text = text.strip()
     m = re.fullmatch(r"\[([\d,]+)\](?:T\(([\d,]+)\))?", text)
     if m:
-        return _iota_array(_ints(m.group(1)), _ints(m.group(2)) if m.group(2) else None).reshape(-1)
+        return _iota_array(ints(m.group(1)), ints(m.group(2)) if m.group(2) else None).reshape(-1)
     m = re.fullmatch(r"\[([\d,]+)\]<=\[([\d,]+)\](?:T\(([\d,]+)\))?", text)
     if m:
-        return _iota_array(_ints(m.group(2)), _ints(m.group(3)) if m.group(3) else None).reshape(-1)
+        return _iota_array(ints(m.group(2)), ints(m.group(3)) if m.group(3) else None).reshape(-1)
     ids = [int(x) for x in re.findall(r"\d+", text)]
     return np.asarray(ids[-n:])
 

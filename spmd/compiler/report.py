@@ -1,7 +1,8 @@
 """The compiler report: what XLA will do with a model on a mesh, before a step runs.
 
-`compile_stats` lowers and compiles the real train step (`spmd.train.step.compile_step`) on
-abstract inputs, so nothing is allocated, and reads from the compiled program:
+`compile_stats` compiles the real train step (`spmd.compiler.program.TrainProgram`, the
+trainer's own path) on abstract inputs, so nothing is allocated, and reads from the
+compiled program:
   - memory, from `compiled.memory_analysis()`, with the arguments split by pytree path
     into parameters, optimizer state and batch;
   - FLOPs, from `compiled.cost_analysis()`; XLA counts a loop body once, so the FLOPs of
@@ -15,46 +16,23 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import time
 from collections.abc import Mapping
 
 import jax
 import numpy as np
 
-from spmd import params as P
-from spmd.compiler import cost, hlo, render
+from spmd import params as param_lib
+from spmd.compiler import cost, hlo
+from spmd.compiler.program import CompiledStep, TrainProgram, build_model
 from spmd.compiler.program_cost import program_cost
-from spmd.compiler.render import fmt_bytes, fmt_time  # noqa: F401  (used as report.fmt_*)
-from spmd.errors import SpmdError
-from spmd.mesh import MESH_AXES, make_mesh, mesh_shape
-from spmd.models import Model, get_model
-from spmd.rules import Rules, logical_to_spec
+from spmd.layout import Layout
+from spmd.models import Model
+from spmd.rules import Rules
 
 
 def default_batch(n_devices: int) -> int:
     """Without --batch, one sequence per device (and at least 8)."""
     return max(8, n_devices)
-
-
-def build_model(name: str, overrides: Mapping | None, remat: str, dtype: str, seq: int) -> Model:
-    model = get_model(name, {**dict(overrides or {}), "remat": remat, "compute_dtype": dtype})
-    max_len = getattr(model.cfg, "max_seq_len", None)
-    if max_len is not None and seq > max_len:
-        raise SpmdError(f"--seq={seq} exceeds the model's max_seq_len={max_len}")
-    return model
-
-
-def abstract_inputs(model: Model, mesh, batch: int, seq: int, rules: Rules | None = None):
-    """(optimizer, schedule, abstract state, abstract batch): shapes and shardings only."""
-    from spmd.train import optim, state, step
-
-    opt, schedule = optim.make_optimizer(optim.OptimConfig())
-    shapes = {k: (batch, seq) for k in model.batch_axes}
-    sh = step.batch_shardings(model, shapes, mesh, rules)
-    abstract_batch = {
-        k: jax.ShapeDtypeStruct(s, np.int32, sharding=sh[k]) for k, s in shapes.items()
-    }
-    return opt, schedule, state.abstract_state(model, opt, mesh, rules), abstract_batch
 
 
 @dataclasses.dataclass
@@ -81,55 +59,30 @@ class CompiledStats:
         return cls(**d)
 
 
-def compile_train_step(
-    model: Model, mesh, batch: int, seq: int, grad_accum: int = 1, rules: Rules | None = None
-):
-    """The real train step, compiled ahead of time: (compiled, abstract state, abstract batch,
-    seconds). Calling `compiled(state, batch)` runs it."""
-    from spmd.train import step
-
-    t0 = time.perf_counter()
-    opt, schedule, abstract_state, abstract_batch = abstract_inputs(model, mesh, batch, seq, rules)
-    shapes = {k: v.shape for k, v in abstract_batch.items()}
-    fn = step.compile_step(model, opt, schedule, mesh, shapes, rules, grad_accum)
-    compiled = fn.lower(abstract_state, abstract_batch).compile()
-    return compiled, abstract_state, abstract_batch, time.perf_counter() - t0
+def compile_stats(program: TrainProgram, hlo_path: str | None = None) -> CompiledStats:
+    return stats_from_compiled(program.compile(), hlo_path)
 
 
-def compile_stats(
-    model: Model,
-    mesh,
-    batch: int,
-    seq: int,
-    grad_accum: int = 1,
-    rules: Rules | None = None,
-    hlo_path: str | None = None,
-) -> CompiledStats:
-    compiled, *rest = compile_train_step(model, mesh, batch, seq, grad_accum, rules)
-    return stats_from_compiled(compiled, *rest, mesh_shape(mesh), hlo_path)
-
-
-def stats_from_compiled(
-    compiled, abstract_state, abstract_batch, compile_s, sizes, hlo_path=None
-) -> CompiledStats:
-    text = compiled.as_text()
+def stats_from_compiled(compiled: CompiledStep, hlo_path: str | None = None) -> CompiledStats:
+    program, executable = compiled.program, compiled.executable
+    text = executable.as_text()
     if hlo_path:
         with open(hlo_path, "w") as f:
             f.write(text)
     module = hlo.parse_module(text)
-    program = program_cost(module)
-    xla = _cost_analysis(compiled)
+    cost_of_program = program_cost(module)
+    xla = _cost_analysis(executable)
     # XLA counts each loop body once; add the other iterations' matmuls and bytes.
-    flops = xla.get("flops", 0.0) + program.dot_flops - program.dot_flops_once
-    nbytes = xla.get("bytes accessed", 0.0) + program.bytes_accessed - program.bytes_accessed_once
+    extra_flops = cost_of_program.dot_flops - cost_of_program.dot_flops_once
+    extra_bytes = cost_of_program.bytes_accessed - cost_of_program.bytes_accessed_once
     return CompiledStats(
-        memory=_memory(compiled.memory_analysis(), abstract_state, abstract_batch),
-        flops_per_device=flops,
+        memory=_memory(executable.memory_analysis(), program),
+        flops_per_device=xla.get("flops", 0.0) + extra_flops,
         xla_flops_raw=xla.get("flops", 0.0),
-        matmul_flops_per_device=program.dot_flops,
-        bytes_per_device=nbytes,
-        collectives=hlo.collectives(module, sizes),
-        compile_s=compile_s,
+        matmul_flops_per_device=cost_of_program.dot_flops,
+        bytes_per_device=xla.get("bytes accessed", 0.0) + extra_bytes,
+        collectives=hlo.collectives(module, program.layout.shape),
+        compile_s=compiled.compile_s,
     )
 
 
@@ -149,13 +102,13 @@ def per_device_bytes(tree) -> int:
     return total
 
 
-def _memory(ma, abstract_state, abstract_batch) -> dict:
+def _memory(ma, program: TrainProgram) -> dict:
     args, out = int(ma.argument_size_in_bytes), int(ma.output_size_in_bytes)
     alias, temp = int(ma.alias_size_in_bytes), int(ma.temp_size_in_bytes)
     code = int(getattr(ma, "generated_code_size_in_bytes", 0))
-    params = per_device_bytes(abstract_state.params)
-    opt_state = per_device_bytes(abstract_state.opt_state)
-    batch = per_device_bytes(abstract_batch)
+    params = per_device_bytes(program.abstract_state.params)
+    opt_state = per_device_bytes(program.abstract_state.opt_state)
+    batch = per_device_bytes(program.abstract_batch)
     return {
         "arguments_bytes": args,
         "output_bytes": out,
@@ -171,13 +124,13 @@ def _memory(ma, abstract_state, abstract_batch) -> dict:
     }
 
 
-def param_rows(model: Model, mesh, rules: Rules | None = None) -> list[dict]:
+def param_rows(model: Model, layout: Layout) -> list[dict]:
     """Every parameter: path, shape, logical axes, PartitionSpec, per-device shape."""
-    sizes = mesh_shape(mesh)
+    sizes = layout.shape
     rows = []
-    leaves = jax.tree_util.tree_flatten_with_path(model.specs(), is_leaf=P.is_spec)[0]
+    leaves = jax.tree_util.tree_flatten_with_path(model.specs(), is_leaf=param_lib.is_spec)[0]
     for path, spec in leaves:
-        pspec = logical_to_spec(spec.axes, mesh, rules, spec.shape)
+        pspec = layout.pspec(spec.axes, spec.shape)
         local = list(spec.shape)
         for dim, entry in enumerate(pspec):
             for axis in (entry,) if isinstance(entry, str) else entry or ():
@@ -303,9 +256,6 @@ class Report:
             "compile_s": self.stats.compile_s,
         }
 
-    def render_text(self, top: int = 8) -> str:
-        return render.render_text(self, top)
-
 
 def explain(
     model: str,
@@ -313,38 +263,40 @@ def explain(
     batch: int | None = None,
     seq: int = 128,
     hardware: str = "cpu",
-    remat: str = "none",
+    remat: str | None = None,
     grad_accum: int = 1,
-    dtype: str = "float32",
+    dtype: str | None = None,
     overrides: Mapping | None = None,
     rules: Rules | None = None,
     hlo_path: str | None = None,
 ) -> Report:
     """Compile the train step for `model` on `mesh` (all of JAX's devices) and report it."""
     hw = cost.get_hardware(hardware)  # fail on a bad name before compiling anything
-    m = build_model(model, overrides, remat, dtype, seq)
-    jmesh = make_mesh(mesh)
-    batch = batch or default_batch(jmesh.devices.size)
-    stats = compile_stats(m, jmesh, batch, seq, grad_accum, rules, hlo_path)
-    return make_report(m, jmesh, batch, seq, grad_accum, hw, stats, rules)
+    m = build_model(model, overrides, remat=remat, dtype=dtype, seq=seq)
+    layout = Layout.make(mesh, rules)
+    batch = batch or default_batch(layout.devices)
+    program = TrainProgram.for_tokens(m, layout, batch, seq, grad_accum=grad_accum)
+    return make_report(program, hw, compile_stats(program, hlo_path))
 
 
-def make_report(m: Model, jmesh, batch, seq, grad_accum, hw, stats, rules=None) -> Report:
-    """`jmesh` may be a Mesh or an AbstractMesh: only its axis sizes are read."""
+def make_report(program: TrainProgram, hw: cost.Hardware, stats: CompiledStats) -> Report:
+    """The program's layout may be abstract (axis sizes only): nothing runs here."""
+    m, layout = program.model, program.layout
+    batch, seq = program.shapes["inputs"]
     return Report(
         model=m.name,
-        params=P.count(m.specs()),
-        mesh={a: int(jmesh.shape[a]) for a in MESH_AXES},
-        devices=math.prod(int(n) for n in jmesh.shape.values()),
+        params=m.n_params,
+        mesh=layout.shape,
+        devices=layout.devices,
         batch=batch,
         seq=seq,
-        grad_accum=grad_accum,
+        grad_accum=program.grad_accum,
         remat=getattr(m.cfg, "remat", "none"),
         dtype=getattr(m.cfg, "compute_dtype", "float32"),
         hardware=hw,
         stats=stats,
         model_flops_per_step=cost.model_flops_per_step(m, batch, seq),
-        param_rows=param_rows(m, jmesh, rules),
+        param_rows=param_rows(m, layout),
     )
 
 

@@ -10,13 +10,13 @@ import time
 import jax
 import numpy as np
 
-from spmd import params as P
+from spmd import params as param_lib
 from spmd.errors import SpmdError
 from spmd.inference.decode import CACHE_AXES, KVCache, decode_rules, init_cache, unstack_layers
 from spmd.inference.loop import DecodeState, advance, start
 from spmd.inference.sampling import SamplingConfig
+from spmd.layout import Layout, sharded_structs
 from spmd.models import gpt
-from spmd.rules import batch_shards, named_sharding, sharding_context
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,12 +38,12 @@ class Generator:
     `bucket` so that prompts of similar length share a compile.
     """
 
-    def __init__(self, model, mesh, sampling: SamplingConfig, rules=None, bucket: int = 16):
+    def __init__(self, model, layout: Layout, sampling: SamplingConfig, bucket: int = 16):
         if not isinstance(model.cfg, gpt.GPTConfig):
             raise SpmdError(f"generation supports the gpt models, not {model.name!r}")
-        self.model, self.cfg, self.mesh, self.sc = model, model.cfg, mesh, sampling
-        self.rules, self.bucket = decode_rules(rules), bucket
-        self.param_shardings = unstacked_shardings(model.specs(), mesh, self.rules)
+        self.model, self.cfg, self.sc, self.bucket = model, model.cfg, sampling, bucket
+        self.layout = Layout(layout.mesh, decode_rules(layout.rules))
+        self.param_shardings = unstacked_shardings(model.specs(), self.layout)
         self._compiled: dict[tuple[int, int, int], tuple] = {}
         self._prepare = jax.jit(unstack_layers, out_shardings=self.param_shardings)
 
@@ -55,7 +55,7 @@ class Generator:
         """
         if isinstance(params["layers"], tuple):
             return jax.device_put(params, self.param_shardings)
-        stacked = P.shardings(self.model.specs(), self.mesh, self.rules)
+        stacked = self.layout.param_shardings(self.model.specs())
         return self._prepare(jax.device_put(params, stacked))
 
     def shapes(self, lengths: list[int]) -> tuple[int, int, int]:
@@ -64,7 +64,7 @@ class Generator:
         The batch rounds up to the mesh's batch split (extra rows are dropped); n stops where
         the longest prompt reaches the model's max_seq_len.
         """
-        shards = batch_shards(self.mesh, self.rules)
+        shards = self.layout.batch_shards
         b = -(-len(lengths) // shards) * shards
         longest = max(lengths)
         t = min(-(-longest // self.bucket) * self.bucket, self.cfg.max_seq_len)
@@ -91,15 +91,9 @@ class Generator:
             t0 = time.perf_counter()
             cache_sh, state_sh = self._cache_sharding(b, t + n - 1), self._state_shardings(b, t, n)
             init, begin, step = self._jitted(b, t, n, cache_sh, state_sh)
-            abstract = jax.eval_shape(init)
-            cache = jax.tree.map(
-                lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
-                abstract,
-                cache_sh,
-            )
-            params = jax.tree.map(
-                lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
-                jax.eval_shape(unstack_layers, P.abstract(self.model.specs())),
+            cache = sharded_structs(jax.eval_shape(init), cache_sh)
+            params = sharded_structs(
+                jax.eval_shape(unstack_layers, param_lib.abstract(self.model.specs())),
                 self.param_shardings,
             )
             key = jax.eval_shape(lambda: jax.random.key(0))
@@ -110,7 +104,7 @@ class Generator:
         return self._compiled[(b, t, n)]
 
     def _sh(self, axes, shape):
-        return named_sharding(axes, self.mesh, self.rules, shape)
+        return self.layout.sharding(axes, shape)
 
     def _cache_sharding(self, b: int, slots: int) -> KVCache:
         cfg = self.cfg
@@ -132,15 +126,7 @@ class Generator:
         )
 
     def _jitted(self, b: int, t: int, n: int, cache_sh: KVCache, state_sh: DecodeState):
-        cfg, sc, mesh, rules = self.cfg, self.sc, self.mesh, self.rules
-
-        def in_context(fn):
-            def traced(*args):
-                with sharding_context(mesh, rules):
-                    return fn(*args)
-
-            return traced
-
+        cfg, sc, in_context = self.cfg, self.sc, self.layout.traced
         rows, repl = state_sh.pad, state_sh.key
         init = jax.jit(in_context(lambda: init_cache(cfg, b, t + n - 1)), out_shardings=cache_sh)
         begin = jax.jit(
@@ -205,15 +191,15 @@ class Generator:
         )
 
 
-def unstacked_shardings(specs, mesh, rules):
+def unstacked_shardings(specs, layout: Layout):
     """Shardings of `unstack_layers`' output: each layer's weights lose the `layers` axis."""
 
-    def one_layer(s: P.ParamSpec):
-        return named_sharding(s.axes[1:], mesh, rules, s.shape[1:])
+    def one_layer(s: param_lib.ParamSpec):
+        return layout.sharding(s.axes[1:], s.shape[1:])
 
-    n = jax.tree.leaves(specs["layers"], is_leaf=P.is_spec)[0].shape[0]
-    layer = jax.tree.map(one_layer, specs["layers"], is_leaf=P.is_spec)
-    return {**P.shardings(specs, mesh, rules), "layers": (layer,) * n}
+    n = jax.tree.leaves(specs["layers"], is_leaf=param_lib.is_spec)[0].shape[0]
+    layer = jax.tree.map(one_layer, specs["layers"], is_leaf=param_lib.is_spec)
+    return {**layout.param_shardings(specs), "layers": (layer,) * n}
 
 
 def _left_pad(prompts, b: int, t: int):

@@ -8,6 +8,7 @@ import typing
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from spmd import params as param_lib
 from spmd.errors import SpmdError
 from spmd.models import gpt, mlp
 
@@ -27,6 +28,10 @@ class Model:
 
     def loss(self, params, batch):
         return self.loss_fn(params, batch, self.cfg)
+
+    @property
+    def n_params(self) -> int:
+        return param_lib.count(self.specs())
 
 
 def model_names() -> list[str]:

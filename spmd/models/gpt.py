@@ -19,8 +19,8 @@ import math
 import jax
 import jax.numpy as jnp
 
-from spmd import params as P
 from spmd.errors import SpmdError
+from spmd.params import ParamSpec, normal, ones
 from spmd.rules import constrain
 
 REMAT_POLICIES = ("none", "full", "dots")
@@ -91,20 +91,20 @@ def param_specs(cfg: GPTConfig) -> dict:
     # GPT-2's scaled init for the projections that write into the residual stream.
     out_std = std / math.sqrt(2 * l)
     return {
-        "embed": P.ParamSpec((v, d), ("vocab", "embed"), P.normal(std)),
+        "embed": ParamSpec((v, d), ("vocab", "embed"), normal(std)),
         "layers": {
-            "attn_norm": P.ParamSpec((l, d), ("layers", None), P.ones),
-            "wq": P.ParamSpec((l, d, h, k), ("layers", "embed", "heads", None), P.normal(std)),
-            "wk": P.ParamSpec((l, d, g, k), ("layers", "embed", "kv_heads", None), P.normal(std)),
-            "wv": P.ParamSpec((l, d, g, k), ("layers", "embed", "kv_heads", None), P.normal(std)),
-            "wo": P.ParamSpec((l, h, k, d), ("layers", "heads", None, "embed"), P.normal(out_std)),
-            "mlp_norm": P.ParamSpec((l, d), ("layers", None), P.ones),
-            "w_gate": P.ParamSpec((l, d, f), ("layers", "embed", "mlp"), P.normal(std)),
-            "w_up": P.ParamSpec((l, d, f), ("layers", "embed", "mlp"), P.normal(std)),
-            "w_down": P.ParamSpec((l, f, d), ("layers", "mlp", "embed"), P.normal(out_std)),
+            "attn_norm": ParamSpec((l, d), ("layers", None), ones),
+            "wq": ParamSpec((l, d, h, k), ("layers", "embed", "heads", None), normal(std)),
+            "wk": ParamSpec((l, d, g, k), ("layers", "embed", "kv_heads", None), normal(std)),
+            "wv": ParamSpec((l, d, g, k), ("layers", "embed", "kv_heads", None), normal(std)),
+            "wo": ParamSpec((l, h, k, d), ("layers", "heads", None, "embed"), normal(out_std)),
+            "mlp_norm": ParamSpec((l, d), ("layers", None), ones),
+            "w_gate": ParamSpec((l, d, f), ("layers", "embed", "mlp"), normal(std)),
+            "w_up": ParamSpec((l, d, f), ("layers", "embed", "mlp"), normal(std)),
+            "w_down": ParamSpec((l, f, d), ("layers", "mlp", "embed"), normal(out_std)),
         },
-        "final_norm": P.ParamSpec((d,), (None,), P.ones),
-        "head": P.ParamSpec((d, v), ("embed", "vocab"), P.normal(std)),
+        "final_norm": ParamSpec((d,), (None,), ones),
+        "head": ParamSpec((d, v), ("embed", "vocab"), normal(std)),
     }
 
 

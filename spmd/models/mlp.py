@@ -7,8 +7,8 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from spmd import params as P
 from spmd.errors import SpmdError
+from spmd.params import ParamSpec, glorot_uniform, zeros
 
 
 @dataclasses.dataclass(frozen=True)
@@ -26,10 +26,10 @@ class MLPConfig:
 def param_specs(cfg: MLPConfig) -> dict:
     # Keras' Dense defaults: glorot-uniform kernels and zero biases.
     return {
-        "w1": P.ParamSpec((cfg.d_in, cfg.d_hidden), ("embed", "mlp"), P.glorot_uniform),
-        "b1": P.ParamSpec((cfg.d_hidden,), ("mlp",), P.zeros),
-        "w2": P.ParamSpec((cfg.d_hidden, cfg.d_out), ("mlp", "embed"), P.glorot_uniform),
-        "b2": P.ParamSpec((cfg.d_out,), (None,), P.zeros),
+        "w1": ParamSpec((cfg.d_in, cfg.d_hidden), ("embed", "mlp"), glorot_uniform),
+        "b1": ParamSpec((cfg.d_hidden,), ("mlp",), zeros),
+        "w2": ParamSpec((cfg.d_hidden, cfg.d_out), ("mlp", "embed"), glorot_uniform),
+        "b2": ParamSpec((cfg.d_out,), (None,), zeros),
     }
 
 

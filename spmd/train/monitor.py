@@ -1,7 +1,9 @@
 """What a run reports: the progress bar, JSON Lines metrics, TensorBoard, the loss plot, MFU.
 
 Only the main process writes anything (`Monitor(enabled=...)`); every process still fetches
-the metrics, so they all see a NaN at the same step.
+the metrics, so they all see a NaN at the same step. MFU is `spmd.compiler.cost.mfu` with
+the model FLOPs of `cost.model_flops_per_step`, against the same hardware profile
+`spmd explain` uses, so the measured and the predicted figure can be compared directly.
 """
 
 from __future__ import annotations
@@ -16,59 +18,8 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from spmd import params as P
+from spmd.compiler import cost
 from spmd.errors import SpmdError
-
-# Dense bf16 peak FLOP/s per chip, from the vendors' data sheets.
-PEAK_FLOPS = {
-    "h200": 989e12,
-    "h100": 989e12,
-    "a100": 312e12,
-    "tpu v5p": 459e12,
-    "tpu v5 lite": 197e12,
-    "tpu v5e": 197e12,
-    "tpu v4": 275e12,
-}
-
-
-def flops_per_token(model, seq: int) -> float:
-    """Training FLOPs per token: 6 per weight that multiplies, plus causal attention's
-    score and value matmuls (12 * layers * heads * head_dim * seq, forward and backward)."""
-    specs = model.specs()
-    n = P.count(specs) - (P.count(specs["embed"]) if "embed" in specs else 0)
-    cfg = model.cfg
-    attn = 12 * cfg.n_layers * cfg.n_heads * cfg.head_dim * seq if hasattr(cfg, "n_heads") else 0
-    return 6.0 * n + attn
-
-
-def peak_flops() -> float:
-    """Peak FLOP/s of all devices in the job. On CPU, a timed matmul stands in for the data
-    sheet: one SPMD matmul over every local device, since simulated devices share the cores."""
-    device = jax.devices()[0]
-    if device.platform != "cpu":
-        kind = device.device_kind.lower()
-        per_chip = next((v for k, v in PEAK_FLOPS.items() if k in kind), None)
-        return per_chip * jax.device_count() if per_chip else float("nan")
-    return _host_matmul_flops() * jax.process_count()
-
-
-def _host_matmul_flops(n: int = 512, tries: int = 5) -> float:
-    from jax.sharding import Mesh, NamedSharding, PartitionSpec
-
-    devices = jax.local_devices()
-    mesh = Mesh(np.array(devices), ("d",))
-    x = jax.device_put(
-        np.ones((n * len(devices), n), np.float32), NamedSharding(mesh, PartitionSpec("d"))
-    )
-    w = jax.device_put(np.ones((n, n), np.float32), NamedSharding(mesh, PartitionSpec()))
-    matmul = jax.jit(lambda a, b: a @ b)
-    matmul(x, w).block_until_ready()
-    best = float("inf")
-    for _ in range(tries):  # the best of a few: other work on the host only slows it
-        t0 = time.perf_counter()
-        matmul(x, w).block_until_ready()
-        best = min(best, time.perf_counter() - t0)
-    return 2.0 * n**3 * len(devices) / best
 
 
 def check_finite(row: dict) -> None:
@@ -90,11 +41,16 @@ class Monitor:
         start_step: int,
         tokens_per_step: int,
         flops_per_step: float,
-        peak: float,
+        hardware: cost.Hardware | None,
         enabled: bool,
+        header: dict | None = None,
     ):
         self.cfg, self.enabled = cfg, enabled
-        self.tokens_per_step, self.flops_per_step, self.peak = tokens_per_step, flops_per_step, peak
+        self.tokens_per_step, self.flops_per_step = tokens_per_step, flops_per_step
+        self.hardware, self.devices = hardware, jax.device_count()
+        # Merged into the first row this run writes: the layout it ran on, so a metrics file
+        # says which mesh and rules produced it, resumed segments included.
+        self._header = dict(header or {})
         self.rows: list[dict] = []  # this run's rows
         self.earlier = _earlier_rows(cfg.metrics_file, start_step) if enabled else []
         self._sink = self._tb = None
@@ -120,7 +76,11 @@ class Monitor:
         now = time.perf_counter()
         row["step_time_s"], self._last = now - self._last, now
         row["tokens_per_s"] = self.tokens_per_step / row["step_time_s"]
-        row["mfu"] = self.flops_per_step / row["step_time_s"] / self.peak
+        row["mfu"] = (
+            cost.mfu(self.flops_per_step, row["step_time_s"], self.hardware, self.devices)
+            if self.hardware
+            else float("nan")
+        )
         check_finite(row)
         return row
 
@@ -129,8 +89,9 @@ class Monitor:
         if not self.enabled:
             return
         if self._sink:
-            self._sink.write(json.dumps(row) + "\n")
+            self._sink.write(json.dumps({**row, **self._header}) + "\n")
             self._sink.flush()
+            self._header = {}
         if self._tb:
             for key, value in row.items():
                 if key != "step":

@@ -13,11 +13,10 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import struct
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from spmd import params as P
+from spmd import params as param_lib
+from spmd.layout import Layout, sharded_structs
 from spmd.models import Model
-from spmd.rules import Rules
 
 
 @struct.dataclass
@@ -27,47 +26,31 @@ class TrainState:
     opt_state: Any
 
 
-def state_shardings(
-    model: Model, opt: optax.GradientTransformation, mesh: Mesh, rules: Rules | None = None
-) -> TrainState:
+def state_shardings(model: Model, opt: optax.GradientTransformation, layout: Layout) -> TrainState:
     specs = model.specs()
-    param_sh = P.shardings(specs, mesh, rules)
-    replicated = NamedSharding(mesh, PartitionSpec())
-    abstract_opt = jax.eval_shape(opt.init, P.abstract(specs))
+    param_sh = layout.param_shardings(specs)
+    abstract_opt = jax.eval_shape(opt.init, param_lib.abstract(specs))
     opt_sh = optax.tree_map_params(
         opt,
         lambda _, sharding: sharding,
         abstract_opt,
         param_sh,
-        transform_non_params=lambda _: replicated,
+        transform_non_params=lambda _: layout.replicated,
     )
-    return TrainState(step=replicated, params=param_sh, opt_state=opt_sh)
+    return TrainState(step=layout.replicated, params=param_sh, opt_state=opt_sh)
 
 
-def abstract_state(
-    model: Model, opt: optax.GradientTransformation, mesh: Mesh, rules: Rules | None = None
-) -> TrainState:
-    """ShapeDtypeStructs with shardings: the train step compiles on these without memory."""
-    shapes = jax.eval_shape(lambda: _fresh_state(model, opt, jax.random.key(0)))
-    return jax.tree.map(
-        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-        shapes,
-        state_shardings(model, opt, mesh, rules),
-    )
+def abstract_state(model: Model, opt: optax.GradientTransformation, shardings: TrainState):
+    """ShapeDtypeStructs with `shardings`: the train step compiles on these without memory."""
+    shapes = jax.eval_shape(lambda: fresh_state(model, opt, jax.random.key(0)))
+    return sharded_structs(shapes, shardings)
 
 
-def _fresh_state(model: Model, opt, key) -> TrainState:
-    params = P.init_unsharded(model.specs(), key)
+def fresh_state(model: Model, opt: optax.GradientTransformation, key) -> TrainState:
+    params = param_lib.init_unsharded(model.specs(), key)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt.init(params))
 
 
-def init_state(
-    model: Model,
-    opt: optax.GradientTransformation,
-    key: jax.Array,
-    mesh: Mesh,
-    rules: Rules | None = None,
-) -> TrainState:
-    """Parameters and optimizer state, born on their shards."""
-    shardings = state_shardings(model, opt, mesh, rules)
-    return jax.jit(lambda k: _fresh_state(model, opt, k), out_shardings=shardings)(key)
+def init_state(model: Model, opt: optax.GradientTransformation, key, shardings: TrainState):
+    """Parameters and optimizer state, born on their `shardings`."""
+    return jax.jit(lambda k: fresh_state(model, opt, k), out_shardings=shardings)(key)

@@ -1,25 +1,21 @@
-"""The pure train step, and the one place it is jitted with shardings.
+"""The pure train step: `train_step(state, batch) -> (state, metrics)`, no side effects.
 
-`train_step(state, batch) -> (state, metrics)` has no side effects. `compile_step` binds
-the model and optimizer, enters the sharding context for tracing, and jits it with in/out
+It is jitted in one place only, `spmd.compiler.program.TrainProgram`, with the layout's
 shardings and the state donated.
 """
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import optax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from spmd import params as P
-from spmd.errors import SpmdError
+from spmd import params as param_lib
 from spmd.models import Model
-from spmd.rules import Rules, batch_shards, constrain, named_sharding, sharding_context
-from spmd.train.state import TrainState, state_shardings
+from spmd.rules import constrain
+from spmd.train.state import TrainState
 
 
 def split_microbatches(x: jax.Array, n: int) -> jax.Array:
@@ -36,7 +32,7 @@ def loss_and_grads(model: Model, params, batch, grad_accum: int):
     if grad_accum == 1:
         return grad_fn(params, batch)
     micro = jax.tree.map(lambda x: split_microbatches(x, grad_accum), batch)
-    axes = P.logical_axes(model.specs())
+    axes = param_lib.logical_axes(model.specs())
 
     def body(carry, mb):
         loss_sum, grad_sum = carry
@@ -76,54 +72,3 @@ def train_step(
         "lr": jnp.asarray(schedule(state.step), jnp.float32),
     }
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
-
-
-def batch_shardings(model: Model, batch_shapes, mesh: Mesh, rules: Rules | None = None):
-    return {
-        k: named_sharding(model.batch_axes[k], mesh, rules, shape)
-        for k, shape in batch_shapes.items()
-    }
-
-
-def check_batch(global_batch: int, grad_accum: int, mesh: Mesh, rules: Rules | None = None):
-    """Each microbatch must split evenly over the batch axes; say so before JAX does."""
-    if grad_accum < 1:
-        raise SpmdError(f"--grad-accum={grad_accum} must be positive")
-    if global_batch % grad_accum:
-        raise SpmdError(f"batch={global_batch} is not divisible by grad_accum={grad_accum}")
-    shards = batch_shards(mesh, rules)
-    micro = global_batch // grad_accum
-    if micro % shards:
-        axes = (rules or Rules()).mesh_axes("batch")
-        split = "*".join(f"{a}={mesh.shape[a]}" for a in axes if mesh.shape[a] > 1)
-        what = f"microbatch={micro}" if grad_accum > 1 else f"batch={global_batch}"
-        raise SpmdError(f"{what} is not divisible by {split}")
-
-
-def compile_step(
-    model: Model,
-    opt: optax.GradientTransformation,
-    schedule: Callable,
-    mesh: Mesh,
-    batch_shapes,
-    rules: Rules | None = None,
-    grad_accum: int = 1,
-):
-    """The jitted step: shardings in and out, the state donated, traced in the mesh context."""
-    check_batch(next(iter(batch_shapes.values()))[0], grad_accum, mesh, rules)
-    step = functools.partial(
-        train_step, model=model, opt=opt, schedule=schedule, grad_accum=grad_accum
-    )
-
-    def step_in_context(state, batch):
-        with sharding_context(mesh, rules):
-            return step(state, batch)
-
-    state_sh = state_shardings(model, opt, mesh, rules)
-    replicated = NamedSharding(mesh, PartitionSpec())
-    return jax.jit(
-        step_in_context,
-        in_shardings=(state_sh, batch_shardings(model, batch_shapes, mesh, rules)),
-        out_shardings=(state_sh, replicated),
-        donate_argnums=(0,),
-    )

@@ -16,83 +16,26 @@ import time
 
 import jax
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec
+from jax.sharding import NamedSharding
 
 from spmd import checkpoint as ckpt
-from spmd import params as P
+from spmd.compiler import cost
+from spmd.compiler.program import TrainProgram
 from spmd.data import corpus
 from spmd.data.loader import PackedLoader
 from spmd.data.tokenizer import load_tokenizer, tokenize_documents
 from spmd.distributed import AnyProcess, is_main_process
 from spmd.errors import SpmdError
-from spmd.mesh import make_mesh
-from spmd.models import Model, get_model
-from spmd.rules import Rules, sharding_context
-from spmd.train import monitor, optim
-from spmd.train.state import TrainState, abstract_state, init_state
-from spmd.train.step import batch_shardings, compile_step
+from spmd.layout import Layout
+from spmd.rules import Rules
+from spmd.train import monitor
+from spmd.train.config import TrainConfig
+from spmd.train.state import TrainState
 from spmd.train.stop import StopFlag
 
 # Fields a resumed run must share with its checkpoint: they fix the parameters' shapes and
 # the batch sequence. The mesh, the step count, the learning rate and the rest may change.
 MUST_MATCH = ("model", "overrides", "batch", "seq", "seed", "data", "tokenizer")
-
-
-@dataclasses.dataclass(frozen=True)
-class TrainConfig:
-    model: str = "gpt-tiny"
-    overrides: tuple[tuple[str, str], ...] = ()
-    mesh: str = "data=-1"
-    steps: int = 100
-    batch: int = 8
-    seq: int = 128
-    grad_accum: int = 1
-    remat: str = "none"
-    dtype: str = "float32"
-    lr: float = 1e-3
-    warmup: int = 10
-    schedule_steps: int | None = None  # the LR schedule's length; default: steps
-    seed: int = 0
-    data: str | None = None
-    tokenizer: str | None = None
-    metrics_file: str | None = None
-    progress: bool = True
-    eval_every: int | None = None
-    eval_batches: int = 4
-    tensorboard: str | None = None
-    plot: str | None = None
-    ckpt_dir: str | None = None
-    ckpt_every: int = 100
-    keep: int = 3
-    resume: bool = False
-    async_ckpt: bool = True
-
-    def __post_init__(self):
-        counts = ("steps", "batch", "seq", "grad_accum", "eval_batches", "ckpt_every", "keep")
-        for name in (*counts, "eval_every", "schedule_steps"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise SpmdError(f"--{name.replace('_', '-')}={value} must be positive")
-        if self.resume and not self.ckpt_dir:
-            raise SpmdError("--resume needs --ckpt-dir (where to find the checkpoint)")
-
-    def build_model(self, vocab_size: int | None = None) -> Model:
-        model = get_model(
-            self.model, {**dict(self.overrides), "remat": self.remat, "compute_dtype": self.dtype}
-        )
-        if self.seq > model.cfg.max_seq_len:
-            raise SpmdError(
-                f"--seq={self.seq} exceeds the model's max_seq_len={model.cfg.max_seq_len}"
-            )
-        if vocab_size and model.cfg.vocab_size < vocab_size:
-            raise SpmdError(
-                f"vocab_size={model.cfg.vocab_size} is smaller than the tokenizer's "
-                f"{vocab_size}; use --set vocab_size={vocab_size}"
-            )
-        return model
-
-    def to_json(self) -> dict:
-        return dataclasses.asdict(self)
 
 
 def device_batch(arrays: dict[str, np.ndarray], shardings, global_shapes=None) -> dict:
@@ -124,18 +67,18 @@ class Run:
     """Everything the loop needs, built once by `setup`."""
 
     cfg: TrainConfig
-    model: Model
-    mesh: jax.sharding.Mesh
+    program: TrainProgram
     step_fn: object
     eval_fn: object
     state: TrainState
     start_step: int
     loader: PackedLoader
     val_loader: PackedLoader | None
-    shardings: dict
-    shapes: dict
     meta: dict
-    compile_s: float
+
+    @property
+    def layout(self) -> Layout:
+        return self.program.layout
 
 
 def run(cfg: TrainConfig, rules: Rules | None = None, argv: list[str] | None = None) -> dict:
@@ -146,9 +89,10 @@ def run(cfg: TrainConfig, rules: Rules | None = None, argv: list[str] | None = N
         r.cfg,
         r.start_step,
         tokens,
-        tokens * monitor.flops_per_token(r.model, r.cfg.seq),
-        monitor.peak_flops(),
+        cost.model_flops_per_step(r.program.model, r.cfg.batch, r.cfg.seq),
+        cost.hardware_of_devices(),
         enabled=is_main_process(),
+        header=r.layout.to_json(),
     )
     checkpointer = (
         ckpt.Checkpointer(r.cfg.ckpt_dir, r.cfg.ckpt_every, r.cfg.keep, r.cfg.async_ckpt)
@@ -177,42 +121,26 @@ def setup(cfg: TrainConfig, rules: Rules | None = None) -> Run:
     cfg = _with_tokenizer_vocab(cfg, tokenizer)
     model = cfg.build_model(tokenizer.vocab_size)
     _check_ckpt_dir(cfg)
-    mesh = make_mesh(cfg.mesh)
-    opt, schedule = optim.make_optimizer(
-        optim.OptimConfig(
-            lr=cfg.lr, warmup_steps=cfg.warmup, total_steps=cfg.schedule_steps or cfg.steps
-        )
-    )
-    shapes = {k: (cfg.batch, cfg.seq) for k in model.batch_axes}
-    step_fn = compile_step(model, opt, schedule, mesh, shapes, rules, cfg.grad_accum)
-    shardings = batch_shardings(model, shapes, mesh, rules)
-    rows = process_rows(shardings["inputs"], shapes["inputs"])
-    loader, val_loader = _loaders(cfg, tokenizer, rows)
-    t0 = time.perf_counter()
-    abstract = abstract_state(model, opt, mesh, rules)
-    compiled = step_fn.lower(abstract, _abstract_batch(shapes, shardings)).compile()
-    compile_s = time.perf_counter() - t0
-    state, start_step, meta = _initial_state(cfg, model, opt, mesh, rules, abstract, loader)
-    _log(
-        f"model {model.name}: {P.count(model.specs()):,} parameters | mesh {cfg.mesh} on "
-        f"{mesh.devices.size} devices | batch {cfg.batch}x{cfg.seq} | compiled in {compile_s:.1f}s"
-    )
-    eval_fn = _eval_fn(model, mesh, rules, shardings) if val_loader else None
-    return Run(
-        cfg,
+    program = TrainProgram.for_tokens(
         model,
-        mesh,
-        compiled,
-        eval_fn,
-        state,
-        start_step,
-        loader,
-        val_loader,
-        shardings,
-        shapes,
-        meta,
-        compile_s,
+        Layout.make(cfg.mesh, rules),
+        cfg.batch,
+        cfg.seq,
+        grad_accum=cfg.grad_accum,
+        optimizer=cfg.optimizer(),
     )
+    rows = process_rows(program.batch_shardings["inputs"], program.shapes["inputs"])
+    loader, val_loader = _loaders(cfg, tokenizer, rows)
+    compiled = program.compile()
+    state, start_step, meta = _initial_state(cfg, program, loader)
+    layout = program.layout
+    _log(
+        f"model {model.name}: {model.n_params:,} parameters | mesh {layout.spec} on "
+        f"{layout.devices} devices | batch {cfg.batch}x{cfg.seq} | "
+        f"compiled in {compiled.compile_s:.1f}s"
+    )
+    eval_fn = program.eval_loss() if val_loader else None
+    return Run(cfg, program, compiled, eval_fn, state, start_step, loader, val_loader, meta)
 
 
 def _check_ckpt_dir(cfg: TrainConfig) -> None:
@@ -254,20 +182,15 @@ def _loaders(cfg: TrainConfig, tokenizer, rows: range):
     return loader, PackedLoader(val_tokens, cfg.batch, cfg.seq, 0, rows, shuffle=False, prefetch=0)
 
 
-def _abstract_batch(shapes, shardings):
-    return {k: jax.ShapeDtypeStruct(s, np.int32, sharding=shardings[k]) for k, s in shapes.items()}
-
-
-def _initial_state(cfg, model, opt, mesh, rules, abstract, loader):
-    """A fresh state, or with --resume the newest valid checkpoint resharded onto `mesh`."""
+def _initial_state(cfg: TrainConfig, program: TrainProgram, loader: PackedLoader):
+    """A fresh state, or with --resume the newest valid checkpoint resharded onto the layout."""
     rng = jax.random.key(cfg.seed)
-    found = ckpt.restore_train_state(cfg.ckpt_dir, abstract) if cfg.resume else None
+    found = ckpt.restore_train_state(cfg.ckpt_dir, program.abstract_state) if cfg.resume else None
     if found is None:
         if cfg.resume:
             ckpt.warn(f"--resume: no checkpoint in {cfg.ckpt_dir} yet; starting from step 0")
         init_key, rng = jax.random.split(rng)
-        state = init_state(model, opt, init_key, mesh, rules)
-        return state, 0, {"rng": _key_to_json(rng)}
+        return program.init_state(init_key), 0, {"rng": _key_to_json(rng)}
     step, state, meta, saved = found
     _check_compatible(cfg, saved, step)
     for name in ckpt.set_aside_newer(cfg.ckpt_dir, step):
@@ -298,22 +221,14 @@ def _key_to_json(key) -> list[int]:
     return [int(x) for x in np.asarray(jax.random.key_data(key)).ravel()]
 
 
-def _eval_fn(model, mesh, rules, shardings):
-    param_sh = P.shardings(model.specs(), mesh, rules)
-
-    def loss(params, batch):
-        with sharding_context(mesh, rules):
-            return model.loss(params, batch)
-
-    return jax.jit(
-        loss, in_shardings=(param_sh, shardings), out_shardings=NamedSharding(mesh, PartitionSpec())
-    )
+def _device_batch(r: Run, arrays: dict[str, np.ndarray]) -> dict:
+    return device_batch(arrays, r.program.batch_shardings, r.program.shapes)
 
 
 def _evaluate(r: Run, params) -> float:
     """Mean loss over the first `eval_batches` validation batches (the same ones each time)."""
     losses = [
-        r.eval_fn(params, device_batch(r.val_loader.batch_at(i), r.shardings, r.shapes))
+        r.eval_fn(params, _device_batch(r, r.val_loader.batch_at(i)))
         for i in range(r.cfg.eval_batches)
     ]
     return float(np.mean(jax.device_get(losses)))
@@ -323,7 +238,7 @@ def _loop(r: Run, mon: monitor.Monitor, checkpointer, stop: StopFlag) -> int:
     cfg, state, pending, step = r.cfg, r.state, None, r.start_step
     any_process = AnyProcess()  # processes must all stop (and save) at the same step
     for step in range(r.start_step + 1, cfg.steps + 1):
-        batch = device_batch(r.loader.next(), r.shardings, r.shapes)
+        batch = _device_batch(r, r.loader.next())
         state, metrics = r.step_fn(state, batch)
         stopping = any_process(stop.signal is not None)
         if pending is not None:
@@ -350,8 +265,9 @@ def _loop(r: Run, mon: monitor.Monitor, checkpointer, stop: StopFlag) -> int:
 def _save(r: Run, checkpointer, step: int, state) -> float:
     """Start a save; returns how long the loop was blocked (the async write goes on)."""
     t0 = time.perf_counter()
-    meta = {"loader": r.loader.get_state(), "rng": r.meta["rng"], "mesh": r.cfg.mesh}
-    checkpointer.save(step, state, meta, {**r.cfg.to_json(), "mesh": r.cfg.mesh})
+    layout = r.layout.to_json()
+    meta = {"loader": r.loader.get_state(), "rng": r.meta["rng"], "mesh": layout["mesh"]}
+    checkpointer.save(step, state, meta, {**r.cfg.to_json(), **layout})
     return time.perf_counter() - t0
 
 
@@ -366,7 +282,7 @@ def _summary(r: Run, rows: list[dict], last_step: int, signum: int | None) -> di
         "final_loss": rows[-1]["loss"] if rows else None,
         "eval_loss": evals[-1] if evals else None,
         "tokens_per_s": float(np.median([x["tokens_per_s"] for x in steady])) if rows else 0.0,
-        "compile_s": r.compile_s,
+        "compile_s": r.step_fn.compile_s,
         "stopped_by": signal.Signals(signum).name if signum else None,
     }
 

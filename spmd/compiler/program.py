@@ -1,0 +1,156 @@
+"""The one path from (model, layout) to the compiled train step.
+
+`TrainProgram` holds what fixes a step's program: the model, the layout, the global batch's
+shapes and dtypes, the optimizer and the grad-accum count. From it come the state and batch
+shardings (computed once), the abstract inputs, the initial state and the compiled step. The
+trainer, `spmd explain`, `spmd plan` and the experiments all compile through `TrainProgram.compile`,
+so what the compiler report shows is by construction what training runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import numpy as np
+import optax
+
+from spmd.errors import SpmdError
+from spmd.layout import Layout, sharded_structs
+from spmd.models import Model, get_model
+from spmd.train import optim, state, step
+
+# The flags that set a model field, so that `--set remat=full` and `--remat dots` cannot
+# silently overrule each other.
+FIELD_FLAGS = {"remat": "--remat", "compute_dtype": "--dtype"}
+
+
+def build_model(
+    name: str,
+    overrides: Mapping[str, Any] | None = None,
+    *,
+    remat: str | None = None,
+    dtype: str | None = None,
+    seq: int | None = None,
+) -> Model:
+    """A preset with `--set` overrides, plus `--remat` / `--dtype` when given (None: the
+    model's own), checked against the sequence length."""
+    fields = dict(overrides or {})
+    for field, value in (("remat", remat), ("compute_dtype", dtype)):
+        if value is None:
+            continue
+        if field in fields and str(fields[field]) != value:
+            raise SpmdError(
+                f"{FIELD_FLAGS[field]} {value} contradicts --set {field}={fields[field]}; "
+                "give only one of them"
+            )
+        fields[field] = value
+    model = get_model(name, fields)
+    max_len = getattr(model.cfg, "max_seq_len", None)
+    if seq is not None and max_len is not None and seq > max_len:
+        raise SpmdError(f"--seq={seq} exceeds the model's max_seq_len={max_len}")
+    return model
+
+
+@dataclasses.dataclass(frozen=True)
+class CompiledStep:
+    """The executable, and what it was compiled from. Call it as `step(state, batch)`."""
+
+    program: TrainProgram
+    executable: jax.stages.Compiled
+    compile_s: float
+
+    def __call__(self, train_state, batch):
+        return self.executable(train_state, batch)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class TrainProgram:
+    model: Model
+    layout: Layout
+    batch_spec: Mapping[str, jax.ShapeDtypeStruct]  # the global batch's arrays, unsharded
+    tx: optax.GradientTransformation
+    schedule: Callable
+    grad_accum: int = 1
+
+    def __post_init__(self):
+        self.layout.check_batch(self.batch, self.grad_accum)
+
+    @classmethod
+    def for_tokens(
+        cls,
+        model: Model,
+        layout: Layout,
+        batch: int,
+        seq: int,
+        *,
+        grad_accum: int = 1,
+        optimizer: optim.OptimConfig | None = None,
+    ) -> TrainProgram:
+        """A language model's program: every batch entry is `(batch, seq)` token ids."""
+        tx, schedule = optim.make_optimizer(optimizer or optim.OptimConfig())
+        tokens = jax.ShapeDtypeStruct((batch, seq), np.int32)
+        return cls(model, layout, {k: tokens for k in model.batch_axes}, tx, schedule, grad_accum)
+
+    @property
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return {k: tuple(v.shape) for k, v in self.batch_spec.items()}
+
+    @property
+    def batch(self) -> int:
+        return next(iter(self.shapes.values()))[0]
+
+    @functools.cached_property
+    def state_shardings(self) -> state.TrainState:
+        return state.state_shardings(self.model, self.tx, self.layout)
+
+    @functools.cached_property
+    def batch_shardings(self) -> dict:
+        return self.layout.batch_shardings(self.model.batch_axes, self.shapes)
+
+    @functools.cached_property
+    def abstract_state(self) -> state.TrainState:
+        return state.abstract_state(self.model, self.tx, self.state_shardings)
+
+    @functools.cached_property
+    def abstract_batch(self) -> dict:
+        return sharded_structs(dict(self.batch_spec), self.batch_shardings)
+
+    def init_state(self, key: jax.Array) -> state.TrainState:
+        """A fresh state, born on its shards."""
+        return state.init_state(self.model, self.tx, key, self.state_shardings)
+
+    def jitted(self):
+        """The step jitted with shardings in and out and the state donated (not yet compiled:
+        batches of other shapes would compile again, so prefer `compile`)."""
+        fn = functools.partial(
+            step.train_step,
+            model=self.model,
+            opt=self.tx,
+            schedule=self.schedule,
+            grad_accum=self.grad_accum,
+        )
+        return jax.jit(
+            self.layout.traced(fn),
+            in_shardings=(self.state_shardings, self.batch_shardings),
+            out_shardings=(self.state_shardings, self.layout.replicated),
+            donate_argnums=(0,),
+        )
+
+    def compile(self) -> CompiledStep:
+        """Lower and compile ahead of time on abstract inputs: nothing is allocated."""
+        t0 = time.perf_counter()
+        executable = self.jitted().lower(self.abstract_state, self.abstract_batch).compile()
+        return CompiledStep(self, executable, time.perf_counter() - t0)
+
+    def eval_loss(self):
+        """The model's loss on a batch, jitted on this layout (for validation)."""
+        return jax.jit(
+            self.layout.traced(self.model.loss),
+            in_shardings=(self.state_shardings.params, self.batch_shardings),
+            out_shardings=self.layout.replicated,
+        )

@@ -1,0 +1,72 @@
+"""`TrainConfig`: everything a training run is asked to do, as one frozen, typed value.
+
+The `spmd train` flags are its fields (spmd/commands/train.py builds them from it), and the
+checkpoint records it as JSON. It imports nothing heavy, so building the CLI stays fast.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from spmd.errors import SpmdError
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    model: str = "gpt-tiny"
+    overrides: tuple[tuple[str, str], ...] = ()
+    mesh: str = "data=-1"
+    steps: int = 100
+    batch: int = 8
+    seq: int = 128
+    grad_accum: int = 1
+    remat: str | None = None  # None: the model's own (or `--set remat=...`)
+    dtype: str | None = None  # None: the model's own compute_dtype
+    lr: float = 1e-3
+    warmup: int = 10
+    schedule_steps: int | None = None  # the LR schedule's length; default: steps
+    seed: int = 0
+    data: str | None = None
+    tokenizer: str | None = None
+    metrics_file: str | None = None
+    progress: bool = True
+    eval_every: int | None = None
+    eval_batches: int = 4
+    tensorboard: str | None = None
+    plot: str | None = None
+    ckpt_dir: str | None = None
+    ckpt_every: int = 100
+    keep: int = 3
+    resume: bool = False
+    async_ckpt: bool = True
+
+    def __post_init__(self):
+        counts = ("steps", "batch", "seq", "grad_accum", "eval_batches", "ckpt_every", "keep")
+        for name in (*counts, "eval_every", "schedule_steps"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise SpmdError(f"--{name.replace('_', '-')}={value} must be positive")
+        if self.resume and not self.ckpt_dir:
+            raise SpmdError("--resume needs --ckpt-dir (where to find the checkpoint)")
+
+    def build_model(self, vocab_size: int | None = None):
+        from spmd.compiler.program import build_model  # jax and optax: only when needed
+
+        model = build_model(
+            self.model, dict(self.overrides), remat=self.remat, dtype=self.dtype, seq=self.seq
+        )
+        if vocab_size and model.cfg.vocab_size < vocab_size:
+            raise SpmdError(
+                f"vocab_size={model.cfg.vocab_size} is smaller than the tokenizer's "
+                f"{vocab_size}; use --set vocab_size={vocab_size}"
+            )
+        return model
+
+    def optimizer(self):
+        from spmd.train import optim
+
+        total = self.schedule_steps or self.steps
+        return optim.OptimConfig(lr=self.lr, warmup_steps=self.warmup, total_steps=total)
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
