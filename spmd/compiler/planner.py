@@ -183,12 +183,11 @@ def plan(
     hw = cost.get_hardware(hardware)
     batch = batch or report.default_batch(devices)
     grad_accums = grad_accums or [ga for ga in (1, 2, 4, 8) if batch % ga == 0]
-    if overrides and "remat" in overrides:  # `--set remat=...` fixes the policy: search no other
-        remats = (str(overrides["remat"]),)
-    models = {r: build_model(model_name, overrides, remat=r, dtype=dtype, seq=seq) for r in remats}
-    dtype = getattr(models[remats[0]].cfg, "compute_dtype", "float32")
+    models = _models_by_remat(model_name, overrides, remats, dtype, seq)
+    first = next(iter(models.values()))
+    dtype = getattr(first.cfg, "compute_dtype", "float32")
     cands, rejected = enumerate_candidates(
-        models[remats[0]], devices, hw, batch, remats, grad_accums, rules
+        first, devices, hw, batch, list(models), grad_accums, rules
     )
     if not cands:
         why = rejected[0][1] if rejected else "no factorisation"
@@ -223,6 +222,13 @@ def plan(
         raise SpmdError(f"{model_name} fits no plan on {devices} x {hw.name}")
     return Plan(model_name, devices, hw, batch, seq, ranked[0].method, why, ranked, len(cands),
                 len(fitting), len(compiled), time.perf_counter() - t0)  # fmt: skip
+
+
+def _models_by_remat(model_name, overrides, remats, dtype, seq) -> dict[str, Model]:
+    """One model per remat policy searched; `--set remat=...` fixes the policy."""
+    if overrides and "remat" in overrides:
+        remats = (str(overrides["remat"]),)
+    return {r: build_model(model_name, overrides, remat=r, dtype=dtype, seq=seq) for r in remats}
 
 
 def _prefilter(model_name, models, cands, batch, seq, hw, dtype, rules):
