@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
+import math
 from collections.abc import Iterator, Mapping, Sequence
 
 import jax
@@ -36,6 +37,11 @@ DEFAULT_RULES: dict[str, tuple[str, ...]] = {
     "experts": ("expert",),
 }
 
+# Grouped-query attention under tensor parallelism: when `tensor` exceeds (or does not divide)
+# the KV heads, each KV head is replicated across the tensor ranks that share it, as
+# Megatron-LM and MaxText do, instead of refusing the mesh. The query heads still split.
+REPLICATED_WHEN_INDIVISIBLE = ("kv_heads",)
+
 
 @dataclasses.dataclass(frozen=True)
 class Rules:
@@ -44,6 +50,8 @@ class Rules:
     replicate a weight that was meant to be split."""
 
     table: tuple[tuple[str, tuple[str, ...]], ...] = tuple(DEFAULT_RULES.items())
+    # Logical axes that are replicated, not refused, where their mesh axes do not divide them.
+    replicated_when_indivisible: tuple[str, ...] = REPLICATED_WHEN_INDIVISIBLE
 
     def __post_init__(self):
         for name, axes in self.table:
@@ -56,7 +64,7 @@ class Rules:
         table = dict(DEFAULT_RULES)
         for name, axes in (overrides or {}).items():
             table[name] = _as_axes(axes)
-        return cls(tuple(table.items()))
+        return cls(tuple(table.items()), REPLICATED_WHEN_INDIVISIBLE)
 
     def mesh_axes(self, logical: str | tuple[str, ...] | None) -> tuple[str, ...]:
         if logical is None:
@@ -98,6 +106,8 @@ def logical_to_spec(
     entries = []
     for dim, name in enumerate(logical):
         axes = tuple(a for a in rules.mesh_axes(name) if sizes.get(a, 1) > 1)
+        if shape is not None and _replicate(name, shape[dim], axes, sizes, rules):
+            axes = ()
         for axis in axes:
             if axis in used:
                 raise SpmdError(
@@ -109,6 +119,11 @@ def logical_to_spec(
             check_divisible(name, shape[dim], axes, sizes)
         entries.append(None if not axes else axes[0] if len(axes) == 1 else axes)
     return PartitionSpec(*entries)
+
+
+def _replicate(name, dim: int, axes: Sequence[str], sizes: Mapping[str, int], rules) -> bool:
+    split = math.prod(sizes[a] for a in axes)
+    return name in rules.replicated_when_indivisible and dim % split != 0
 
 
 def check_divisible(name, dim: int, axes: Sequence[str], sizes: Mapping[str, int]):

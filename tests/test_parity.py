@@ -39,8 +39,8 @@ def fixed_batches():
     return [{"inputs": t[:, :-1], "targets": t[:, 1:]} for t in tokens]
 
 
-def train(mesh_spec: str, n_devices: int, remat: str, grad_accum: int):
-    program = tiny_program(mesh_spec, n_devices, remat, grad_accum)
+def train(mesh_spec: str, n_devices: int, remat: str, grad_accum: int, **fields):
+    program = tiny_program(mesh_spec, n_devices, remat, grad_accum, **fields)
     step = program.compile()
     state = program.init_state(jax.random.key(0))
     shardings = program.batch_shardings
@@ -52,9 +52,9 @@ def train(mesh_spec: str, n_devices: int, remat: str, grad_accum: int):
     return np.array(losses), jax.device_get(state.params)
 
 
-def tiny_program(mesh_spec, n_devices, remat="none", grad_accum=1) -> TrainProgram:
+def tiny_program(mesh_spec, n_devices, remat="none", grad_accum=1, **fields) -> TrainProgram:
     layout = spmd.Layout.make(mesh_spec, devices=jax.devices()[:n_devices])
-    model = get_model("gpt-tiny", {"remat": remat})
+    model = get_model("gpt-tiny", {"remat": remat, **fields})
     return TrainProgram.for_tokens(
         model, layout, BATCH, SEQ, grad_accum=grad_accum, optimizer=OPTIM
     )
@@ -104,3 +104,14 @@ def test_training_moves_the_parameters_far_beyond_the_tolerance():
     start = jax.device_get(tiny_program("data=1", 1).init_state(jax.random.key(0)).params)
     for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(start), strict=True):
         assert np.linalg.norm(a - b) / np.linalg.norm(b) > 100 * 1e-5
+
+
+@pytest.mark.parametrize("mesh_spec, n_devices", [("tensor=4", 4), ("data=2,tensor=4", 8)])
+def test_kv_heads_replicate_when_tensor_exceeds_them(mesh_spec, n_devices):
+    """8 query heads over 2 KV heads on tensor=4: the query heads split 4 ways, each KV head
+    is replicated on the 2 ranks that use it, and training matches one device."""
+    got = train(mesh_spec, n_devices, "none", 1, n_kv_heads=2)
+    assert_parity(got, train("data=1", 1, "none", 1, n_kv_heads=2))
+    layout = tiny_program(mesh_spec, n_devices, n_kv_heads=2).layout
+    assert layout.pspec(("layers", "embed", "kv_heads", None), (4, 128, 2, 16))[2] is None
+    assert layout.pspec(("layers", "embed", "heads", None), (4, 128, 8, 16))[2] == "tensor"

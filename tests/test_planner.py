@@ -26,9 +26,12 @@ def test_candidates_divide_the_model_and_keep_tensor_in_a_node():
     h100 = cost.get_hardware("h100")
     cands, rejected = candidates.enumerate_candidates(model, 8, h100, 8, ["none"], [1])
     specs = {c.spec for c in cands}
-    assert {"data=8", "fsdp=8", "data=2,tensor=4", "fsdp=4,tensor=2"} <= specs
-    assert "tensor=8" not in specs
-    assert any("kv_heads=4 is not divisible by tensor=8" in why for _, why in rejected)
+    # tensor=8 splits the 8 query heads; the 4 KV heads are replicated in pairs.
+    assert {"data=8", "fsdp=8", "data=2,tensor=4", "fsdp=4,tensor=2", "tensor=8"} <= specs
+    six_heads = spmd.get_model("gpt-tiny", {**TINY, "n_heads": 6, "n_kv_heads": 6})
+    cands, rejected = candidates.enumerate_candidates(six_heads, 8, h100, 8, ["none"], [1])
+    assert not any("tensor=4" in c.spec or "tensor=8" in c.spec for c in cands)
+    assert any("heads=6 is not divisible by tensor=4" in why for _, why in rejected)
     assert all(sizes(c.spec, 8)["tensor"] <= 8 for c in cands)
     with pytest.raises(SpmdError, match="does not fit in one h100 node of 8 devices"):
         big = spmd.get_model("llama-7b")

@@ -49,3 +49,17 @@ def test_divisibility_error_names_dimension_and_axis():
         logical_to_spec(("embed", "heads"), mesh, shape=(64, 6))
     with pytest.raises(SpmdError, match=r"batch=3 is not divisible by data=2"):
         logical_to_spec(("batch",), mesh, shape=(3,))
+
+
+def test_kv_heads_replicate_where_tensor_does_not_divide_them():
+    mesh = spmd.make_mesh("data=2,tensor=4")
+    assert logical_to_spec(("embed", "kv_heads"), mesh, shape=(64, 2)) == P(None, None)
+    assert logical_to_spec(("embed", "kv_heads"), mesh, shape=(64, 8)) == P(None, "tensor")
+    with pytest.raises(SpmdError, match="heads=6 is not divisible by tensor=4"):
+        logical_to_spec(("embed", "heads"), mesh, shape=(64, 6))
+
+
+def test_a_logical_axis_without_a_rule_is_refused(mesh):
+    with pytest.raises(SpmdError, match="logical axis 'mlpp' has no rule"):
+        logical_to_spec(("embed", "mlpp"), mesh)
+    assert logical_to_spec(("mlpp",), mesh, Rules.default({"mlpp": None})) == P(None)
