@@ -24,6 +24,7 @@ from spmd.mesh import MESH_AXES
 # One entry per array dimension: a logical name, None (replicated), or a tuple of names for a
 # dimension that merges several (the flattened `(batch, length)` rows of a dense layer).
 Logical = tuple[str | tuple[str, ...] | None, ...]
+ROWS = ("batch", "length")  # the flattened (b*t) rows of a dense layer's 2-D activations
 
 DEFAULT_RULES: dict[str, tuple[str, ...]] = {
     "batch": ("data", "fsdp", "expert"),

@@ -20,12 +20,12 @@ import jax
 import jax.numpy as jnp
 
 from spmd.errors import SpmdError
+from spmd.models.loss import cross_entropy
 from spmd.params import ParamSpec, normal, ones
-from spmd.rules import constrain
+from spmd.rules import ROWS, constrain
 
 REMAT_POLICIES = ("none", "full", "dots")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-ROWS = ("batch", "length")  # logical axis of the flattened (b*t) rows
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,6 +44,7 @@ class GPTConfig:
     remat: str = "none"
     compute_dtype: str = "float32"
     scan_unroll: int = 1
+    loss_chunks: int = 0  # rows of the loss computed at a time: 0 picks enough (loss.py)
 
     def __post_init__(self):
         for name in (
@@ -64,6 +65,8 @@ class GPTConfig:
             raise SpmdError(
                 f"n_heads={self.n_heads} is not divisible by n_kv_heads={self.n_kv_heads}"
             )
+        if not isinstance(self.loss_chunks, int) or self.loss_chunks < 0:
+            raise SpmdError(f"loss_chunks={self.loss_chunks!r} must be 0 (auto) or positive")
         if self.head_dim % 2:
             raise SpmdError(f"head_dim={self.head_dim} must be even for rotary embeddings")
         if self.remat not in REMAT_POLICIES:
@@ -201,9 +204,31 @@ def embed(params, tokens_bt, cfg: GPTConfig):
     # Gather the table whole before the lookup, as FSDP gathers any weight at its use: a
     # lookup into a table split on both vocab and embed makes XLA replicate and re-split
     # the activations instead ("involuntary full rematerialization").
-    table = constrain(params["embed"], (None, None))
-    x = jnp.take(table, tokens_bt, axis=0).astype(cfg.dtype)
+    table = constrain(params["embed"].astype(cfg.dtype), ("vocab", "embed"))  # cast, then gather
+    x = jnp.take(constrain(table, (None, None)), tokens_bt, axis=0)
     return constrain(x, ("batch", "length", None))
+
+
+def in_compute_dtype(params, cfg: GPTConfig):
+    """The layers' matrices cast to the compute dtype while still sharded like the stored
+    float32 weights, so FSDP gathers them in that dtype: half the bytes for bfloat16. (The
+    gradients come back through the cast, so they are reduce-scattered in it too.) The
+    whole stack is cast before the layer scan: a cast inside the loop body let XLA gather
+    the float32 slice first."""
+    if cfg.dtype == jnp.float32:
+        return params
+    axes = jax.tree.map(lambda s: s.axes, param_specs(cfg)["layers"], is_leaf=_is_spec)
+    layers = jax.tree.map(
+        lambda a, w: constrain(w.astype(cfg.dtype), a) if w.ndim > 2 else w,
+        axes,
+        params["layers"],
+        is_leaf=lambda a: isinstance(a, tuple),
+    )
+    return {**params, "layers": layers}
+
+
+def _is_spec(x) -> bool:
+    return isinstance(x, ParamSpec)
 
 
 def hidden_states(params, tokens_bt, cfg: GPTConfig):
@@ -216,8 +241,9 @@ def hidden_states(params, tokens_bt, cfg: GPTConfig):
     def body(x, layer_params):
         return block(x, layer_params, cos, sin, mask, cfg), None
 
+    layers = in_compute_dtype(params, cfg)["layers"]
     with jax.named_scope("layers"):
-        x, _ = jax.lax.scan(_remat(body, cfg.remat), x, params["layers"], unroll=cfg.scan_unroll)
+        x, _ = jax.lax.scan(_remat(body, cfg.remat), x, layers, unroll=cfg.scan_unroll)
     return rms_norm(x, params["final_norm"], cfg.norm_eps)
 
 
@@ -236,13 +262,10 @@ def forward(params, tokens_bt, cfg: GPTConfig):
 
 def loss_fn(params, batch, cfg: GPTConfig):
     """Mean next-token cross-entropy. batch: `inputs` and `targets`, both (b, t) int32."""
-    logits = forward(params, batch["inputs"], cfg)
+    x = hidden_states(params, batch["inputs"], cfg)
+    head = constrain(params["head"].astype(cfg.dtype), ("embed", "vocab"))  # gathered cast
     with jax.named_scope("loss"):
-        # A one-hot dot, not a gather, keeps the vocab-sharded logits sharded.
-        onehot = jax.nn.one_hot(batch["targets"], cfg.vocab_size, dtype=logits.dtype)
-        target_logit = jnp.sum(logits * onehot, axis=-1)
-        nll = jax.nn.logsumexp(logits, axis=-1) - target_logit
-    return jnp.mean(nll)
+        return cross_entropy(x, head, batch["targets"], cfg.loss_chunks)
 
 
 BATCH_AXES = {"inputs": ("batch", "length"), "targets": ("batch", "length")}
