@@ -65,3 +65,35 @@ def test_real_process_exit_status_and_single_line():
         "spmd: error: mesh tensor=3 has 3 devices but 4 are available; "
         "use --devices 3 or a mesh whose sizes multiply to 4"
     ]
+
+
+@pytest.fixture
+def a_file(tmp_path):
+    path = tmp_path / "a_file"
+    path.write_text("not a folder")
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    "flag, target, message",
+    [
+        ("--metrics-file", "{dir}/runs/a/", "is a folder; give a file, e.g. {dir}/runs/a/metrics"),
+        ("--metrics-file", "{file}/m.jsonl", "{file} is a file, not a folder"),
+        ("--plot", "{dir}/loss.txt", "matplotlib cannot write .txt files; use one of"),
+        ("--plot", "{dir}/loss", "it has no extension; use one of .avif"),
+        ("--ckpt-dir", "{file}", "--ckpt-dir {file} is a file, not a folder"),
+        ("--tensorboard", "{file}", "--tensorboard {file} is a file, not a folder"),
+    ],
+)
+def test_train_rejects_output_paths_before_compiling(
+    capsys, monkeypatch, tmp_path, text_file, a_file, flag, target, message
+):
+    from spmd.train import trainer
+
+    def never(*_):
+        raise AssertionError("compiled before checking the output paths")
+
+    monkeypatch.setattr(trainer, "compile_step", never)
+    fill = {"dir": str(tmp_path), "file": a_file}
+    argv = [*TRAIN, "--data", text_file, "--batch", "8", "--seq", "16"]
+    fails_cleanly(capsys, [*argv, flag, target.format(**fill)], message.format(**fill))

@@ -53,8 +53,10 @@ def add_parser(sub) -> None:
 
 def run(args) -> int:
     from spmd.models import parse_overrides
+    from spmd.train.outputs import check_output_paths
     from spmd.train.trainer import TrainConfig, run
 
+    check_output_paths(args)  # the flags' names are TrainConfig's; --mesh auto compiles next
     mesh = args.mesh
     if mesh == "auto":  # the planner picks the layout for the devices JAX sees
         from spmd.compiler.planner import plan_mesh_for_train

@@ -29,6 +29,7 @@ from spmd.mesh import make_mesh
 from spmd.models import Model, get_model
 from spmd.rules import Rules, sharding_context
 from spmd.train import monitor, optim
+from spmd.train.outputs import check_output_paths
 from spmd.train.state import TrainState, abstract_state, init_state
 from spmd.train.step import batch_shardings, compile_step
 from spmd.train.stop import StopFlag
@@ -173,6 +174,7 @@ def run(cfg: TrainConfig, rules: Rules | None = None, argv: list[str] | None = N
 
 
 def setup(cfg: TrainConfig, rules: Rules | None = None) -> Run:
+    check_output_paths(cfg)  # a bad output path must not cost a compile, or a whole run
     tokenizer = load_tokenizer(cfg.tokenizer)
     cfg = _with_tokenizer_vocab(cfg, tokenizer)
     model = cfg.build_model(tokenizer.vocab_size)
