@@ -97,3 +97,15 @@ def test_train_rejects_output_paths_before_compiling(
     fill = {"dir": str(tmp_path), "file": a_file}
     argv = [*TRAIN, "--data", text_file, "--batch", "8", "--seq", "16"]
     fails_cleanly(capsys, [*argv, flag, target.format(**fill)], message.format(**fill))
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--warmup", "-5"], "--warmup=-5 must be zero or positive"),
+        (["--lr", "-1"], "--lr=-1.0 must be a positive number"),
+        (["--lr", "nan"], "--lr=nan must be a positive number"),
+    ],
+)
+def test_train_names_the_flag(capsys, text_file, extra, message):
+    fails_cleanly(capsys, [*TRAIN, "--data", text_file, *extra], message)
