@@ -109,3 +109,15 @@ def test_train_rejects_output_paths_before_compiling(
 )
 def test_train_names_the_flag(capsys, text_file, extra, message):
     fails_cleanly(capsys, [*TRAIN, "--data", text_file, *extra], message)
+
+
+def test_train_rejects_a_binary_data_file(capsys, tmp_path):
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    (folder / "good.txt").write_text("plain text\n" * 50)
+    (folder / "bad.txt").write_bytes(b"\x00\xb5\xff binary")
+    fails_cleanly(
+        capsys,
+        [*TRAIN, "--data", str(folder)],
+        f"--data: {folder / 'bad.txt'} is not UTF-8 text (byte 0xb5 at offset 1)",
+    )
