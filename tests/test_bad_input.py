@@ -121,3 +121,9 @@ def test_train_rejects_a_binary_data_file(capsys, tmp_path):
         [*TRAIN, "--data", str(folder)],
         f"--data: {folder / 'bad.txt'} is not UTF-8 text (byte 0xb5 at offset 1)",
     )
+
+
+def test_explain_checks_the_hlo_folder_before_compiling(capsys, tmp_path):
+    hlo = str(tmp_path / "missing" / "x.hlo")
+    argv = ["explain", "--model", "gpt-tiny", "--devices", "8", "--hlo", hlo]
+    fails_cleanly(capsys, argv, f"--hlo {hlo}: the folder {tmp_path / 'missing'} does not exist")

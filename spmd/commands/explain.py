@@ -45,8 +45,11 @@ def add_model_flags(p) -> None:
 def run(args) -> int:
     from spmd.compiler import cost, report
     from spmd.models import parse_overrides
+    from spmd.train.outputs import check_output_file
 
     cost.get_hardware(args.hardware)  # a bad name fails before JAX starts
+    if args.hlo:  # written after compiling: a bad path must fail before
+        check_output_file("--hlo", args.hlo, "step.hlo", make_parents=False)
     rep = report.explain(
         args.model,
         mesh=args.mesh,
