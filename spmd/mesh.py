@@ -18,6 +18,9 @@ from jax.sharding import AxisType, Mesh
 from spmd.errors import SpmdError
 
 MESH_AXES: tuple[str, ...] = ("data", "stage", "fsdp", "sequence", "expert", "tensor")
+# XLA:CPU cannot compile for more devices than this ("Multiprocess computations aren't
+# implemented on the CPU backend"), so a bigger CPU mesh is refused before compiling.
+CPU_COMPILE_LIMIT = 2048
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,6 +101,11 @@ def make_mesh(
     By default it uses every device; the spec must use exactly as many devices as given.
     """
     devices = list(jax.devices() if devices is None else devices)
+    if devices[0].platform == "cpu" and len(devices) > CPU_COMPILE_LIMIT:
+        raise SpmdError(
+            f"{len(devices)} CPU devices are more than XLA:CPU can compile for "
+            f"({CPU_COMPILE_LIMIT}); use fewer --devices, or spmd plan to estimate bigger layouts"
+        )
     cfg = parse_mesh(spec, len(devices))
     return jax.make_mesh(
         tuple(cfg.shape.values()),

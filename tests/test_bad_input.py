@@ -127,3 +127,13 @@ def test_explain_checks_the_hlo_folder_before_compiling(capsys, tmp_path):
     hlo = str(tmp_path / "missing" / "x.hlo")
     argv = ["explain", "--model", "gpt-tiny", "--devices", "8", "--hlo", hlo]
     fails_cleanly(capsys, argv, f"--hlo {hlo}: the folder {tmp_path / 'missing'} does not exist")
+
+
+def test_more_cpu_devices_than_xla_can_compile_for():
+    import jax
+
+    from spmd.errors import SpmdError
+    from spmd.mesh import make_mesh
+
+    with pytest.raises(SpmdError, match="2056 CPU devices are more than XLA:CPU can compile"):
+        make_mesh("data=-1", jax.devices() * 257)
