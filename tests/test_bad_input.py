@@ -137,3 +137,16 @@ def test_more_cpu_devices_than_xla_can_compile_for():
 
     with pytest.raises(SpmdError, match="2056 CPU devices are more than XLA:CPU can compile"):
         make_mesh("data=-1", jax.devices() * 257)
+
+
+def test_generate_rejects_a_binary_prompt_file(capsys, tmp_path):
+    prompt = tmp_path / "prompt.bin"
+    prompt.write_bytes(b"ok \xff\xfe")
+    argv = ["generate", "--ckpt-dir", str(tmp_path), "--prompt-file", str(prompt)]
+    fails_cleanly(capsys, argv, f"--prompt-file {prompt} is not UTF-8 text (byte 0xff at offset 3)")
+
+
+def test_generate_and_checkpoint_info_say_a_file_is_not_a_folder(capsys, a_file):
+    argv = ["generate", "--ckpt-dir", a_file, "--prompt", "hi"]
+    fails_cleanly(capsys, argv, f"--ckpt-dir {a_file} is a file, not a checkpoint folder")
+    fails_cleanly(capsys, ["checkpoint", "info", a_file], f"{a_file} is a file, not a folder")
