@@ -150,3 +150,43 @@ def test_generate_and_checkpoint_info_say_a_file_is_not_a_folder(capsys, a_file)
     argv = ["generate", "--ckpt-dir", a_file, "--prompt", "hi"]
     fails_cleanly(capsys, argv, f"--ckpt-dir {a_file} is a file, not a checkpoint folder")
     fails_cleanly(capsys, ["checkpoint", "info", a_file], f"{a_file} is a file, not a folder")
+
+
+def test_mesh_hint_under_spmd_launch(monkeypatch):
+    from spmd import mesh
+    from spmd.errors import SpmdError
+
+    with pytest.raises(SpmdError, match="use --devices 8 or a mesh whose sizes multiply to 2"):
+        mesh.parse_mesh("fsdp=8", 2)
+    monkeypatch.setattr(mesh, "launched_processes", lambda: 2)
+    with pytest.raises(SpmdError, match="use spmd launch -n 2 --devices-per-process 4 or a mesh"):
+        mesh.parse_mesh("fsdp=8", 2)
+    with pytest.raises(SpmdError, match=r"2 processes cannot share 3 devices evenly"):
+        mesh.parse_mesh("fsdp=3", 2)
+
+
+def test_launched_processes_needs_the_launchers_variable_and_a_joined_job(monkeypatch):
+    import jax
+
+    from spmd import distributed
+
+    group = {"SPMD_COORDINATOR": "127.0.0.1:1234", "SPMD_NUM_PROCESSES": "3"}
+    for name, value in {**group, "SPMD_PROCESS_ID": "1"}.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(jax.distributed, "is_initialized", lambda: True)
+    assert distributed.launched_processes() is None  # SPMD_* set by hand: not spmd launch
+    monkeypatch.setenv("SPMD_DEVICES_PER_PROCESS", "1")
+    assert distributed.launched_processes() == 3
+    monkeypatch.setattr(jax.distributed, "is_initialized", lambda: False)
+    assert distributed.launched_processes() is None  # e.g. explain, which never joins
+
+
+@pytest.mark.slow
+def test_launched_train_suggests_devices_per_process():
+    out = run_spmd("launch", "-n", "2", "--", "spmd", "train", "--mesh", "fsdp=8", "--steps", "1")
+    assert out.returncode == 2
+    assert (
+        "mesh fsdp=8 has 8 devices but 2 are available; use spmd launch -n 2 "
+        "--devices-per-process 4 or a mesh whose sizes multiply to 2"
+    ) in out.stdout + out.stderr
+    assert "Traceback" not in out.stdout + out.stderr
