@@ -190,3 +190,15 @@ def test_launched_train_suggests_devices_per_process():
         "--devices-per-process 4 or a mesh whose sizes multiply to 2"
     ) in out.stdout + out.stderr
     assert "Traceback" not in out.stdout + out.stderr
+
+
+def test_generate_names_a_step_the_folder_does_not_hold(capsys, tmp_path):
+    for step in (1, 2):
+        (tmp_path / str(step)).mkdir()
+    argv = ["generate", "--ckpt-dir", str(tmp_path), "--prompt", "hi", "--step", "7"]
+    fails_cleanly(capsys, argv, f"--step 7 is not in {tmp_path}; its steps are 1, 2")
+
+
+def test_train_says_a_tokenizer_folder_is_not_a_file(capsys, tmp_path):
+    argv = [*TRAIN, "--tokenizer", str(tmp_path)]
+    fails_cleanly(capsys, argv, f"--tokenizer {tmp_path} is a folder, not a JSON file")

@@ -57,17 +57,24 @@ def _read_text_file(flag: str, name: str) -> str:
         raise SpmdError(f"{flag} {name}: cannot read it ({e.strerror})") from None
 
 
-def _check_ckpt_dir(name: str) -> None:
-    """A file given as --ckpt-dir would otherwise be reported as missing."""
+def _check_ckpt_dir(name: str, step: int | None) -> None:
+    """A file as --ckpt-dir, or a --step it does not hold, would otherwise be reported as
+    missing, or as a step that is invalid."""
+    from spmd import checkpoint
+
     if Path(name).exists() and not Path(name).is_dir():
         raise SpmdError(f"--ckpt-dir {name} is a file, not a checkpoint folder")
+    steps = checkpoint.all_steps(name)
+    if step is not None and steps and step not in steps:
+        listed = ", ".join(map(str, steps))
+        raise SpmdError(f"--step {step} is not in {name}; its steps are {listed}")
 
 
 def run(args) -> int:
     from spmd.inference import SamplingConfig
 
     prompts = read_prompts(args)
-    _check_ckpt_dir(args.ckpt_dir)
+    _check_ckpt_dir(args.ckpt_dir, args.step)
     sampling = SamplingConfig(  # checks the flags before anything slow happens
         max_new_tokens=args.max_new_tokens,
         temperature=args.temperature,
