@@ -202,3 +202,16 @@ def test_generate_names_a_step_the_folder_does_not_hold(capsys, tmp_path):
 def test_train_says_a_tokenizer_folder_is_not_a_file(capsys, tmp_path):
     argv = [*TRAIN, "--tokenizer", str(tmp_path)]
     fails_cleanly(capsys, argv, f"--tokenizer {tmp_path} is a folder, not a JSON file")
+
+
+@pytest.mark.parametrize(
+    "out, message",
+    [
+        ("{dir}/", "--out {dir}/ is a folder; give a file, e.g. {dir}/tokenizer.json"),
+        ("{file}/tok.json", "--out {file}/tok.json: {file} is a file, not a folder"),
+    ],
+)
+def test_tokenizer_checks_out_before_training(capsys, tmp_path, text_file, a_file, out, message):
+    fill = {"dir": str(tmp_path), "file": a_file}
+    argv = ["tokenizer", "train", "--data", text_file, "--vocab", "300", "--out"]
+    fails_cleanly(capsys, [*argv, out.format(**fill)], message.format(**fill))
