@@ -215,3 +215,8 @@ def test_tokenizer_checks_out_before_training(capsys, tmp_path, text_file, a_fil
     fill = {"dir": str(tmp_path), "file": a_file}
     argv = ["tokenizer", "train", "--data", text_file, "--vocab", "300", "--out"]
     fails_cleanly(capsys, [*argv, out.format(**fill)], message.format(**fill))
+
+
+def test_explain_refuses_mesh_auto(capsys):
+    argv = ["explain", "--model", "gpt-tiny", "--mesh", "auto"]
+    fails_cleanly(capsys, argv, "spmd explain needs an explicit --mesh; spmd plan shows")

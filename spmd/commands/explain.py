@@ -55,10 +55,13 @@ def warn_on_dtype(hw, dtype: str) -> None:
 
 def run(args) -> int:
     from spmd.compiler import cost, report
+    from spmd.errors import SpmdError
     from spmd.models import parse_overrides
     from spmd.train.outputs import check_output_file
 
     hw = cost.get_hardware(args.hardware)  # a bad name fails before JAX starts
+    if args.mesh == "auto":
+        raise SpmdError("spmd explain needs an explicit --mesh; spmd plan shows what auto picks")
     if args.hlo:  # written after compiling: a bad path must fail before
         check_output_file("--hlo", args.hlo, "step.hlo", make_parents=False)
     rep = report.explain(
