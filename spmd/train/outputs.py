@@ -32,11 +32,13 @@ def check_output_file(flag: str, path: str, example: str, make_parents: bool = T
     p = Path(path)
     if path.endswith(os.sep) or p.is_dir():
         raise SpmdError(f"{flag} {path} is a folder; give a file, e.g. {p / example}")
+    if p.exists():  # rewriting a file (even /dev/null) needs only the file to be writable
+        if not os.access(p, os.W_OK):
+            raise SpmdError(f"{flag} {path} exists and is not writable")
+        return
     if not make_parents and not p.parent.is_dir():
         raise SpmdError(f"{flag} {path}: the folder {p.parent} does not exist")
     _check_writable_parent(flag, path, p.parent)
-    if p.exists() and not os.access(p, os.W_OK):
-        raise SpmdError(f"{flag} {path} exists and is not writable")
 
 
 def check_output_dir(flag: str, path: str) -> None:
