@@ -27,6 +27,8 @@ from spmd.errors import SpmdError
 ENV_COORDINATOR = "SPMD_COORDINATOR"
 ENV_NUM_PROCESSES = "SPMD_NUM_PROCESSES"
 ENV_PROCESS_ID = "SPMD_PROCESS_ID"
+# Set by `spmd launch` alone: its processes take their device count from it, not --devices.
+ENV_DEVICES_PER_PROCESS = "SPMD_DEVICES_PER_PROCESS"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,6 +122,15 @@ def _cluster_env():
             continue
         return env if env.get_process_count() > 1 else None
     return None
+
+
+def launched_processes() -> int | None:
+    """The process count of the `spmd launch` job this process has joined; None if it has
+    joined none (a plain run, or a command such as `explain` that never joins)."""
+    if not jax.distributed.is_initialized() or not os.environ.get(ENV_DEVICES_PER_PROCESS):
+        return None
+    group = group_from_env()
+    return group.num_processes if group else None
 
 
 def job_rank() -> int:

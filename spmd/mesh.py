@@ -15,9 +15,13 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh
 
+from spmd.distributed import launched_processes
 from spmd.errors import SpmdError
 
 MESH_AXES: tuple[str, ...] = ("data", "stage", "fsdp", "sequence", "expert", "tensor")
+# XLA:CPU cannot compile for more devices than this ("Multiprocess computations aren't
+# implemented on the CPU backend"), so a bigger CPU mesh is refused before compiling.
+CPU_COMPILE_LIMIT = 2048
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,9 +89,21 @@ def parse_mesh(spec: str | Mapping[str, int] | MeshConfig, n_devices: int) -> Me
     elif fixed != n_devices:
         raise SpmdError(
             f"mesh {_fmt(sizes)} has {fixed} devices but {n_devices} are available; "
-            f"use --devices {fixed} or a mesh whose sizes multiply to {n_devices}"
+            + _devices_hint(fixed, n_devices)
         )
     return MeshConfig(**sizes)
+
+
+def _devices_hint(fixed: int, n_devices: int) -> str:
+    """How to get `fixed` devices. The processes of `spmd launch` refuse --devices: there the
+    launcher's own flag sets the count, per process."""
+    other = f"a mesh whose sizes multiply to {n_devices}"
+    procs = launched_processes()
+    if procs is None:
+        return f"use --devices {fixed} or {other}"
+    if fixed % procs:
+        return f"use {other} ({procs} processes cannot share {fixed} devices evenly)"
+    return f"use spmd launch -n {procs} --devices-per-process {fixed // procs} or {other}"
 
 
 def make_mesh(
@@ -98,6 +114,11 @@ def make_mesh(
     By default it uses every device; the spec must use exactly as many devices as given.
     """
     devices = list(jax.devices() if devices is None else devices)
+    if devices[0].platform == "cpu" and len(devices) > CPU_COMPILE_LIMIT:
+        raise SpmdError(
+            f"{len(devices)} CPU devices are more than XLA:CPU can compile for "
+            f"({CPU_COMPILE_LIMIT}); use fewer --devices, or spmd plan to estimate bigger layouts"
+        )
     cfg = parse_mesh(spec, len(devices))
     return jax.make_mesh(
         tuple(cfg.shape.values()),

@@ -104,8 +104,40 @@ def test_json_contract(reports):
 def test_text_report(reports):
     text = render.render_text(reports["fsdp"])
     for needle in ("mesh      fsdp=8", "layers/w_gate", "P(None, 'fsdp', None)", "fits",
-                   "reduce-scatter", "MFU"):  # fmt: skip
+                   "reduce-scatter", "predicted on h100 (bfloat16 peak 989 TFLOP/s)"):  # fmt: skip
         assert needle in text, needle
+    mfu = reports["fsdp"].prediction.mfu
+    assert f"MFU ≤ {mfu:.1%} at peak" in text
+
+
+def test_float32_on_a_bf16_profile_warns_once_with_the_prediction(capsys):
+    from spmd.cli import main
+
+    argv = ["explain", "--model", "gpt-tiny", "--set", "n_layers=1", "--devices", "8",
+            "--batch", "8", "--seq", "16", "--hardware", "h100"]  # fmt: skip
+    assert main(argv) == 0
+    out = capsys.readouterr()
+    assert out.err.strip().splitlines() == [
+        "spmd: warning: the h100 profile has only a bfloat16 peak: this float32 step's time "
+        "and MFU are predicted as if it computed in bfloat16; use --dtype bfloat16 for a "
+        "prediction that holds"
+    ]
+    assert "predicted on h100 (bfloat16 peak" in out.out
+    assert main([*argv, "--dtype", "bfloat16"]) == 0
+    assert capsys.readouterr().err == ""
+
+
+def test_dtype_warning_only_when_the_peak_is_for_another_dtype():
+    from spmd.compiler import cost
+
+    assert cost.dtype_warning(cost.get_hardware("cpu"), "float32") is None
+    assert "cpu profile has only a float32 peak" in cost.dtype_warning(
+        cost.get_hardware("cpu"), "bfloat16"
+    )
+    for name in ("a100", "h100", "h200", "tpu-v4", "tpu-v5e", "tpu-v5p"):
+        hw = cost.get_hardware(name)
+        assert cost.dtype_warning(hw, "bfloat16") is None
+        assert "use --dtype bfloat16" in cost.dtype_warning(hw, "float32")
 
 
 def test_cli_json_and_bad_input():

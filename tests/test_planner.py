@@ -109,3 +109,19 @@ def test_train_mesh_auto_uses_the_planner():
         "gpt-tiny", {"n_layers": 1}, 8, 16, "none", 1, "float32", compile_top=1
     )
     assert spmd.parse_mesh(spec, 8).size == 8
+
+
+def test_cli_table_says_mfu_is_at_peak_and_warns_on_float32(capsys):
+    from spmd.cli import main
+
+    argv = ["plan", "--model", "gpt-tiny", "--devices", "8", "--seq", "16",
+            "--hardware", "h100", "--method", "analytic", "--top", "2"]  # fmt: skip
+    assert main(argv) == 0
+    out = capsys.readouterr()
+    header, first = out.out.splitlines()[1:3]
+    assert header.split()[-3:] == ["at", "peak", "method"] and "MFU at peak" in header
+    assert first.split()[-3] == "≤" and first.split()[-2].endswith("%")
+    (warning,) = out.err.strip().splitlines()
+    assert warning.startswith("spmd: warning: the h100 profile has only a bfloat16 peak")
+    assert main([*argv, "--dtype", "bfloat16"]) == 0
+    assert capsys.readouterr().err == ""

@@ -24,7 +24,8 @@ def run(args) -> int:
     from spmd.errors import SpmdError
 
     if not Path(args.dir).is_dir():
-        raise SpmdError(f"checkpoint directory {args.dir} does not exist")
+        problem = "is a file, not a folder" if Path(args.dir).exists() else "does not exist"
+        raise SpmdError(f"checkpoint directory {args.dir} {problem}")
     steps = ckpt.all_steps(args.dir)
     if not steps:
         raise SpmdError(f"{args.dir} holds no checkpoint steps")

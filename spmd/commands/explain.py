@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 from spmd.cli import positive_int
 from spmd.models.gpt import DTYPES, REMAT_POLICIES
 
@@ -43,11 +45,26 @@ def add_model_flags(p) -> None:
     )
 
 
+def warn_on_dtype(hw, dtype: str) -> None:
+    """One line on stderr when the profile's peak is for another dtype (shared with plan).
+    Printed with the prediction, not before the work, so a failure stays one line."""
+    from spmd.compiler import cost
+
+    if warning := cost.dtype_warning(hw, dtype):
+        print(f"spmd: warning: {warning}", file=sys.stderr)
+
+
 def run(args) -> int:
     from spmd.compiler import cost, render, report
+    from spmd.errors import SpmdError
     from spmd.models import parse_overrides
+    from spmd.train.outputs import check_output_file
 
-    cost.get_hardware(args.hardware)  # a bad name fails before JAX starts
+    hw = cost.get_hardware(args.hardware)  # a bad name fails before JAX starts
+    if args.mesh == "auto":
+        raise SpmdError("spmd explain needs an explicit --mesh; spmd plan shows what auto picks")
+    if args.hlo:  # written after compiling: a bad path must fail before
+        check_output_file("--hlo", args.hlo, "step.hlo", make_parents=False)
     rep = report.explain(
         args.model,
         mesh=args.mesh,
@@ -60,5 +77,6 @@ def run(args) -> int:
         overrides=parse_overrides(args.overrides),
         hlo_path=args.hlo,
     )
+    warn_on_dtype(hw, rep.dtype)
     print(report.dumps(rep) if args.json else render.render_text(rep, args.top))
     return 0

@@ -33,10 +33,7 @@ def add_parser(sub) -> None:
 def read_prompts(args) -> list[str]:
     prompts = list(args.prompt)
     if args.prompt_file:
-        path = Path(args.prompt_file)
-        if not path.is_file():
-            raise SpmdError(f"--prompt-file {path} does not exist")
-        prompts.append(path.read_text(encoding="utf-8"))
+        prompts.append(_read_text_file("--prompt-file", args.prompt_file))
     if not prompts:
         raise SpmdError("give a prompt with --prompt TEXT or --prompt-file F")
     for i, text in enumerate(prompts):
@@ -45,10 +42,39 @@ def read_prompts(args) -> list[str]:
     return prompts
 
 
+def _read_text_file(flag: str, name: str) -> str:
+    path = Path(name)
+    if not path.is_file():
+        problem = "is a folder, not a file" if path.is_dir() else "does not exist"
+        raise SpmdError(f"{flag} {name} {problem}")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise SpmdError(
+            f"{flag} {name} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start})"
+        ) from None
+    except OSError as e:
+        raise SpmdError(f"{flag} {name}: cannot read it ({e.strerror})") from None
+
+
+def _check_ckpt_dir(name: str, step: int | None) -> None:
+    """A file as --ckpt-dir, or a --step it does not hold, would otherwise be reported as
+    missing, or as a step that is invalid."""
+    from spmd import checkpoint
+
+    if Path(name).exists() and not Path(name).is_dir():
+        raise SpmdError(f"--ckpt-dir {name} is a file, not a checkpoint folder")
+    steps = checkpoint.all_steps(name)
+    if step is not None and steps and step not in steps:
+        listed = ", ".join(map(str, steps))
+        raise SpmdError(f"--step {step} is not in {name}; its steps are {listed}")
+
+
 def run(args) -> int:
     from spmd.inference import SamplingConfig
 
     prompts = read_prompts(args)
+    _check_ckpt_dir(args.ckpt_dir, args.step)
     sampling = SamplingConfig(  # checks the flags before anything slow happens
         max_new_tokens=args.max_new_tokens,
         temperature=args.temperature,

@@ -22,7 +22,12 @@ import threading
 import time
 
 from spmd.cli import positive_int
-from spmd.distributed import ENV_COORDINATOR, ENV_NUM_PROCESSES, ENV_PROCESS_ID
+from spmd.distributed import (
+    ENV_COORDINATOR,
+    ENV_DEVICES_PER_PROCESS,
+    ENV_NUM_PROCESSES,
+    ENV_PROCESS_ID,
+)
 from spmd.errors import SpmdError
 
 RUNS_JAX = False  # the launcher only starts processes; they run JAX
@@ -106,6 +111,7 @@ def child_env(rank: int, nprocs: int, devices: int, port: int) -> dict[str, str]
             ENV_COORDINATOR: f"{HOST}:{port}",
             ENV_NUM_PROCESSES: str(nprocs),
             ENV_PROCESS_ID: str(rank),
+            ENV_DEVICES_PER_PROCESS: str(devices),
             "JAX_NUM_CPU_DEVICES": str(devices),
             "XLA_FLAGS": " ".join([*flags, f"--xla_force_host_platform_device_count={devices}"]),
             "PYTHONUNBUFFERED": "1",

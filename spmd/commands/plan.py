@@ -30,8 +30,8 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     import json
 
+    from spmd.commands.explain import warn_on_dtype
     from spmd.compiler import cost, planner
-    from spmd.compiler.render import fmt_bytes, fmt_time
     from spmd.models import parse_overrides
 
     hw = cost.get_hardware(args.hardware)  # a bad name fails before JAX starts
@@ -49,30 +49,21 @@ def run(args) -> int:
         use_cache=not args.no_cache,
         progress=not args.json,
     )
+    warn_on_dtype(hw, p.dtype)
     if args.json:
         print(json.dumps(p.to_json(args.top), indent=2))
-        return 0
+    else:
+        _print_text(p, hw, args.top)
+    return 0
+
+
+def _print_text(p, hw, top: int) -> None:
     print(
         f"{p.model} on {p.devices} x {hw.name}: batch {p.batch} x {p.seq} | {p.n_candidates} "
         f"candidates, {p.n_analytic_fit} fit the analytic memory model, {p.n_compiled} compiled "
         f"| {p.wall_s:.0f}s"
     )
-    rows = [["#", "mesh", "remat", "accum", "memory/device", "step", "tokens/s", "MFU", "method"]]
-    for i, s in enumerate(p.ranked[: args.top], 1):
-        c, pr = s.candidate, s.prediction
-        rows.append(
-            [
-                str(i),
-                c.spec,
-                c.remat,
-                str(c.grad_accum),
-                fmt_bytes(s.memory_bytes),
-                fmt_time(pr.step_time_s),
-                f"{pr.tokens_per_s:,.0f}",
-                f"{pr.mfu:.1%}",
-                s.method,
-            ]
-        )
+    rows = _table_rows(p, top)
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         print("  " + "  ".join(x.ljust(w) for x, w in zip(r, widths, strict=True)).rstrip())
@@ -83,7 +74,31 @@ def run(args) -> int:
         else f"scored by the ANALYTIC estimate, not compiled: {p.why}"
     )
     print(f"best: --mesh {best.spec} --remat {best.remat} --grad-accum {best.grad_accum}  ({how})")
-    return 0
+
+
+def _table_rows(p, top: int) -> list[list[str]]:
+    from spmd.compiler.render import fmt_bytes, fmt_time
+
+    # The prediction is a roofline at the hardware's peak; kernels run below it, so the
+    # MFU it gives is an upper bound.
+    head = ["#", "mesh", "remat", "accum", "memory/device", "step", "tokens/s", "MFU at peak"]
+    rows = [[*head, "method"]]
+    for i, s in enumerate(p.ranked[:top], 1):
+        c, pr = s.candidate, s.prediction
+        rows.append(
+            [
+                str(i),
+                c.spec,
+                c.remat,
+                str(c.grad_accum),
+                fmt_bytes(s.memory_bytes),
+                fmt_time(pr.step_time_s),
+                f"{pr.tokens_per_s:,.0f}",
+                f"≤ {pr.mfu:.1%}",
+                s.method,
+            ]
+        )
+    return rows
 
 
 def _jax_devices() -> int:

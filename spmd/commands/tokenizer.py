@@ -21,7 +21,9 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     from spmd.data import corpus
     from spmd.data.tokenizer import load_tokenizer, train_bpe
+    from spmd.train.outputs import check_output_file
 
+    check_output_file("--out", args.out, "tokenizer.json")  # before the corpus is read
     # Trained on the training split only, so the held-out documents stay unseen.
     train_docs, _ = corpus.split_documents(corpus.load_documents(args.data))
     size = train_bpe((text for _, text in train_docs), args.vocab, args.out)

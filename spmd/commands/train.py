@@ -84,9 +84,11 @@ def config_from_args(args) -> TrainConfig:
 
 
 def run(args) -> int:
+    from spmd.train.outputs import check_output_paths
     from spmd.train.trainer import run
 
     cfg = config_from_args(args)
+    check_output_paths(cfg)  # before anything slow: --mesh auto compiles next
     if cfg.mesh == "auto":  # the planner picks the layout for the devices JAX sees
         from spmd.compiler.planner import plan_mesh_for_train
 

@@ -20,7 +20,8 @@ The one FLOPs convention (used by `spmd explain`, `spmd plan` and every MFU in s
     count) but never the model FLOPs, so MFU is always model FLOPs over peak.
 
 Step-time prediction (a roofline with communication on top):
-    compute   = HLO FLOPs / peak bf16 FLOP/s, or for the `cpu` profile the roofline
+    compute   = HLO FLOPs / peak FLOP/s (bf16 for accelerators: see `dtype_warning`), or
+                for the `cpu` profile (float32) the roofline
                 max(HLO FLOPs / peak, HLO bytes / memory bandwidth). The bytes are those of
                 the XLA:CPU program spmd compiles; XLA:GPU and XLA:TPU fuse far more, so for
                 accelerators the memory time is only reported (`memory_s`), never added.
@@ -52,7 +53,7 @@ GB = 1e9
 class Hardware:
     name: str
     description: str
-    peak_flops: float  # dense bf16 FLOP/s per device
+    peak_flops: float  # dense FLOP/s per device, in `peak_dtype`
     hbm_bytes: float  # memory per device
     hbm_bw: float  # bytes/s per device
     intra_bw: float  # bytes/s one way per device on the fast link (NVLink / ICI)
@@ -64,6 +65,7 @@ class Hardware:
     memory_in_roofline: bool = False  # the compiled (XLA:CPU) program's bytes are this device's
     shared_host: bool = False  # all devices share the peak and bandwidth (simulated devices)
     usable_memory: float = 0.9  # fraction of memory a step may use (runtime, fragmentation)
+    peak_dtype: str = "bfloat16"  # the compute dtype that `peak_flops` was measured in
 
     @property
     def capacity_bytes(self) -> float:
@@ -100,7 +102,7 @@ HARDWARE: dict[str, Hardware] = {
     for h in (
         Hardware("cpu", "simulated XLA:CPU devices sharing a 2-core host", 85e9, 16 * GB,
                  8 * GB, 1 * GB, 1 * GB, 1024, 30e-6, 30e-6, overlaps_comm=False,
-                 memory_in_roofline=True, shared_host=True),
+                 memory_in_roofline=True, shared_host=True, peak_dtype="float32"),
         Hardware("a100", "NVIDIA A100 SXM4 80GB", 312e12, 80 * GB, 2039 * GB,
                  300 * GB, 25 * GB, 8),
         Hardware("h100", "NVIDIA H100 SXM5 80GB", 989e12, 80 * GB, 3350 * GB,
@@ -121,6 +123,24 @@ def get_hardware(name: str) -> Hardware:
     if name not in HARDWARE:
         raise SpmdError(f"unknown hardware {name!r}; choose one of {', '.join(HARDWARE)}")
     return HARDWARE[name]
+
+
+def dtype_warning(hw: Hardware, dtype: str) -> str | None:
+    """Why a prediction for a `dtype` step on `hw` would not hold, or None if it would.
+
+    The accelerator profiles carry a bf16 peak only, on purpose. A float32 peak is not one
+    number: XLA may run a float32 matmul as plain FP32 (H100 SXM: 67 TFLOP/s), as TF32
+    (494), or, on a TPU, as one to six bf16 passes, depending on the chip and on
+    jax_default_matmul_precision. Any one figure would be a guess presented as a
+    prediction, so the prediction stays at the bf16 peak and says so.
+    """
+    if dtype == hw.peak_dtype:
+        return None
+    return (
+        f"the {hw.name} profile has only a {hw.peak_dtype} peak: this {dtype} step's time and "
+        f"MFU are predicted as if it computed in {hw.peak_dtype}; use --dtype {hw.peak_dtype} "
+        "for a prediction that holds"
+    )
 
 
 def detect_hardware() -> str:

@@ -72,6 +72,7 @@ class Plan:
     hardware: cost.Hardware
     batch: int
     seq: int
+    dtype: str  # the compute dtype the plans were costed for
     method: str  # how the winner was scored
     why: str  # why that method
     ranked: list[Scored]  # fitting plans, best first
@@ -220,8 +221,8 @@ def plan(
     ]
     if not ranked:
         raise SpmdError(f"{model_name} fits no plan on {devices} x {hw.name}")
-    return Plan(model_name, devices, hw, batch, seq, ranked[0].method, why, ranked, len(cands),
-                len(fitting), len(compiled), time.perf_counter() - t0)  # fmt: skip
+    return Plan(model_name, devices, hw, batch, seq, dtype, ranked[0].method, why, ranked,
+                len(cands), len(fitting), len(compiled), time.perf_counter() - t0)  # fmt: skip
 
 
 def _models_by_remat(model_name, overrides, remats, dtype, seq) -> dict[str, Model]:

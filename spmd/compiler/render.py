@@ -98,11 +98,12 @@ def _prediction_lines(r: Report) -> list[str]:
             f"would take {fmt_time(p.memory_s)}; not counted)"
         )
     return [
-        f"predicted on {hw.name} (bf16 peak {fmt_flops(hw.peak_flops)}):",
+        f"predicted on {hw.name} ({hw.peak_dtype} peak {fmt_flops(hw.peak_flops)}):",
         f"  step {fmt_time(p.step_time_s)} = {compute}",
         f"       + exposed communication {fmt_time(p.exposed_comm_s)} (of "
         f"{fmt_time(p.comm_s)}; {fmt_time(p.blocking_comm_s)} on the critical path)",
-        f"  {p.tokens_per_s:,.0f} tokens/s | MFU {p.mfu:.1%}",
+        # Kernels run below peak, so the roofline's MFU is an upper bound.
+        f"  {p.tokens_per_s:,.0f} tokens/s | MFU ≤ {p.mfu:.1%} at peak",
     ]
 
 

@@ -23,7 +23,7 @@ def stdlib_documents() -> list[Document]:
     """Every `.py` file of the running interpreter's standard library, site-packages excluded."""
     root = Path(sysconfig.get_paths()["stdlib"])
     files = sorted(p for p in root.rglob("*.py") if "site-packages" not in p.parts)
-    docs = [(str(p.relative_to(root)), _read(p)) for p in files]
+    docs = [(str(p.relative_to(root)), _read(p, strict=False)) for p in files]
     docs = [d for d in docs if d[1]]
     if not docs:
         raise SpmdError(f"found no Python source in the standard library at {root}")
@@ -63,11 +63,20 @@ def _resolve(path: str) -> list[Path]:
     raise SpmdError(f"--data {path} does not exist")
 
 
-def _read(path: Path) -> str:
+def _read(path: Path, strict: bool = True) -> str:
+    """A user's file must be UTF-8: a binary or mis-encoded one would otherwise train the
+    model on replacement characters without a word. The stdlib is read leniently."""
     try:
-        return path.read_text(encoding="utf-8", errors="replace")
+        data = path.read_bytes()
     except OSError as e:
         raise SpmdError(f"cannot read {path}: {e.strerror}") from None
+    try:
+        return data.decode("utf-8", errors="strict" if strict else "replace")
+    except UnicodeDecodeError as e:
+        raise SpmdError(
+            f"--data: {path} is not UTF-8 text (byte 0x{data[e.start]:02x} at offset "
+            f"{e.start}); convert it to UTF-8 or leave it out"
+        ) from None
 
 
 def _jsonl(path: Path) -> list[Document]:

@@ -74,7 +74,8 @@ def load_tokenizer(path: str | None):
     if path is None:
         return ByteTokenizer()
     if not Path(path).is_file():
-        raise SpmdError(f"--tokenizer {path} does not exist")
+        problem = "is a folder, not a JSON file" if Path(path).is_dir() else "does not exist"
+        raise SpmdError(f"--tokenizer {path} {problem}")
     return BPETokenizer(path)
 
 

@@ -46,6 +46,10 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise SpmdError(f"--{name.replace('_', '-')}={value} must be positive")
+        if self.warmup < 0:
+            raise SpmdError(f"--warmup={self.warmup} must be zero or positive")
+        if not 0 < self.lr < float("inf"):  # also refuses nan
+            raise SpmdError(f"--lr={self.lr} must be a positive number")
         if self.resume and not self.ckpt_dir:
             raise SpmdError("--resume needs --ckpt-dir (where to find the checkpoint)")
 

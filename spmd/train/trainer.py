@@ -30,6 +30,7 @@ from spmd.layout import Layout
 from spmd.rules import Rules
 from spmd.train import monitor
 from spmd.train.config import TrainConfig
+from spmd.train.outputs import check_output_paths
 from spmd.train.state import TrainState
 from spmd.train.stop import StopFlag
 
@@ -117,6 +118,7 @@ def run(cfg: TrainConfig, rules: Rules | None = None, argv: list[str] | None = N
 
 
 def setup(cfg: TrainConfig, rules: Rules | None = None) -> Run:
+    check_output_paths(cfg)  # a bad output path must not cost a compile, or a whole run
     tokenizer = load_tokenizer(cfg.tokenizer)
     cfg = _with_tokenizer_vocab(cfg, tokenizer)
     model = cfg.build_model(tokenizer.vocab_size)
