@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-fast lint train seed compile-time clean bench-ckpt generate bench-inference strategies
+.PHONY: install test test-fast lint train seed compile-time clean bench-ckpt generate bench-inference strategies bench-attention
 
 install: $(STAMP)
 
@@ -56,3 +56,7 @@ bench-inference: $(STAMP)
 # Five layouts of gpt-small on 8 simulated CPU devices: compiler report vs measured step time.
 strategies: $(STAMP)
 	$(PY) -m experiments.strategies
+
+# Forward + backward time of each attention implementation on this machine (picks the CPU default).
+bench-attention: $(STAMP)
+	$(PY) -m experiments.attention

@@ -17,3 +17,13 @@ def test_compile_time_experiment_runs(capsys):
     assert [r["layers"] for r in rows] == [1, 2]
     assert all(r["scan_s"] > 0 for r in rows)
     assert "compile seconds" in capsys.readouterr().out
+
+
+def test_attention_benchmark_times_every_cpu_implementation(tmp_path, capsys):
+    from experiments import attention
+
+    out = tmp_path / "attention.json"
+    result = attention.main(["--shape", "1,32,4,2,8", "--rounds", "2", "--out", str(out)])
+    assert set(result["median_s"]) == {"einsum", "xla", "blocked"}
+    assert result["fastest"] in result["median_s"] and out.is_file()
+    assert "the fastest" in capsys.readouterr().out

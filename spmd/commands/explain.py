@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 
 from spmd.cli import positive_int
+from spmd.models.attention import IMPLEMENTATIONS as ATTENTION
 from spmd.models.gpt import DTYPES, REMAT_POLICIES
 
 # It compiles on simulated devices only: never join a multi-process job.
@@ -18,6 +19,7 @@ def add_parser(sub) -> None:
     add_model_flags(p)
     p.add_argument("--mesh", default="data=-1", help="e.g. fsdp=4,tensor=2 (default: data=-1)")
     p.add_argument("--remat", choices=REMAT_POLICIES, help="default: the model's own (none)")
+    p.add_argument("--attention", choices=ATTENTION, help="attention kernel (default: auto)")
     p.add_argument("--grad-accum", type=positive_int, default=1)
     p.add_argument("--top", type=positive_int, default=8, help="largest parameters to list")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
@@ -74,6 +76,7 @@ def run(args) -> int:
         remat=args.remat,
         grad_accum=args.grad_accum,
         dtype=args.dtype,
+        attention=args.attention,
         overrides=parse_overrides(args.overrides),
         hlo_path=args.hlo,
     )

@@ -12,6 +12,7 @@ import dataclasses
 import sys
 
 from spmd.cli import positive_int
+from spmd.models.attention import IMPLEMENTATIONS as ATTENTION
 from spmd.models.gpt import DTYPES, REMAT_POLICIES
 from spmd.train.config import TrainConfig
 
@@ -35,6 +36,7 @@ def add_parser(sub) -> None:
     field("grad_accum", type=positive_int)
     field("remat", choices=REMAT_POLICIES, help="default: the model's own (none)")
     field("dtype", choices=list(DTYPES), help="compute dtype (default: the model's own)")
+    field("attention", choices=ATTENTION, help="attention kernel (default: auto, per backend)")
     field("lr", type=float)
     field("warmup", type=int, help="warm-up steps of the LR schedule")
     field(

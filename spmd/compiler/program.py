@@ -26,7 +26,7 @@ from spmd.train import optim, state, step
 
 # The flags that set a model field, so that `--set remat=full` and `--remat dots` cannot
 # silently overrule each other.
-FIELD_FLAGS = {"remat": "--remat", "compute_dtype": "--dtype"}
+FIELD_FLAGS = {"remat": "--remat", "compute_dtype": "--dtype", "attention": "--attention"}
 
 
 def build_model(
@@ -35,12 +35,13 @@ def build_model(
     *,
     remat: str | None = None,
     dtype: str | None = None,
+    attention: str | None = None,
     seq: int | None = None,
 ) -> Model:
-    """A preset with `--set` overrides, plus `--remat` / `--dtype` when given (None: the
-    model's own), checked against the sequence length."""
+    """A preset with `--set` overrides, plus `--remat` / `--dtype` / `--attention` when given
+    (None: the model's own), checked against the sequence length."""
     fields = dict(overrides or {})
-    for field, value in (("remat", remat), ("compute_dtype", dtype)):
+    for field, value in (("remat", remat), ("compute_dtype", dtype), ("attention", attention)):
         if value is None:
             continue
         if field in fields and str(fields[field]) != value:

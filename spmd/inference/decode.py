@@ -25,6 +25,7 @@ from flax import struct
 
 from spmd.inference.sampling import NEG
 from spmd.models import gpt
+from spmd.models.attention import attend, causal_mask
 from spmd.rules import Rules, constrain
 
 CACHE_AXES = ("layers", "batch", "kv_heads", None, None)
@@ -44,7 +45,7 @@ def init_cache(cfg: gpt.GPTConfig, batch: int, slots: int) -> KVCache:
 
 
 def attend_cached(q_bthk, k_bgsk, v_bgsk, mask_bts):
-    """gpt.attend over the cache's (b, g, s, k) layout, so no step transposes the cache.
+    """attention.attend over the cache's (b, g, s, k) layout, so no step transposes the cache.
 
     A row's t queries and r heads per kv head merge into one axis n = (t, r): the scores are
     then one batched (n, k) x (k, s) product per (b, g), with no transposes of the results
@@ -97,13 +98,13 @@ def prefill(params, cache: KVCache, tokens_bt, pad_b, cfg: gpt.GPTConfig):
     b, t = tokens_bt.shape
     s_t = jnp.arange(t)
     cos, sin = gpt.rope_tables(jnp.maximum(s_t - pad_b[:, None], 0), cfg.head_dim, cfg.rope_theta)
-    mask = gpt.causal_mask(t) & (s_t >= pad_b[:, None])[:, None, :]
+    mask = causal_mask(t) & (s_t >= pad_b[:, None])[:, None, :]
     x, ck, cv = gpt.embed(params, tokens_bt, cfg), cache.k, cache.v
     for layer, p in enumerate(params["layers"]):
         with jax.named_scope(f"prefill_{layer}"):
             q, k, v = gpt.qkv(gpt.rms_norm(x, p["attn_norm"], cfg.norm_eps), p, cos, sin, cfg)
             ck, cv = _write(ck, k, layer, 0), _write(cv, v, layer, 0)
-            x = _mlp_residual(x + gpt.attn_out(gpt.attend(q, k, v, mask), p, cfg), p, cfg)
+            x = _mlp_residual(x + gpt.attn_out(attend(q, k, v, mask), p, cfg), p, cfg)
     cache = KVCache(constrain(ck, CACHE_AXES), constrain(cv, CACHE_AXES))
     return _last_logits(params, x, cfg), cache
 

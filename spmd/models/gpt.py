@@ -20,6 +20,8 @@ import jax
 import jax.numpy as jnp
 
 from spmd.errors import SpmdError
+from spmd.models.attention import IMPLEMENTATIONS as ATTENTION
+from spmd.models.attention import causal_attention
 from spmd.models.loss import cross_entropy
 from spmd.params import ParamSpec, normal, ones
 from spmd.rules import ROWS, constrain
@@ -45,6 +47,7 @@ class GPTConfig:
     compute_dtype: str = "float32"
     scan_unroll: int = 1
     loss_chunks: int = 0  # rows of the loss computed at a time: 0 picks enough (loss.py)
+    attention: str = "auto"  # an implementation of attention.py; auto: per backend
 
     def __post_init__(self):
         for name in (
@@ -65,6 +68,8 @@ class GPTConfig:
             raise SpmdError(
                 f"n_heads={self.n_heads} is not divisible by n_kv_heads={self.n_kv_heads}"
             )
+        if self.attention not in ATTENTION:
+            raise SpmdError(f"attention={self.attention!r} must be one of {', '.join(ATTENTION)}")
         if not isinstance(self.loss_chunks, int) or self.loss_chunks < 0:
             raise SpmdError(f"loss_chunks={self.loss_chunks!r} must be 0 (auto) or positive")
         if self.head_dim % 2:
@@ -145,19 +150,6 @@ def qkv(x_btd, p, cos, sin, cfg: GPTConfig):
     return q, k, v
 
 
-def attend(q_bthk, k_bsgk, v_bsgk, mask_bts):
-    """Grouped-query attention with an explicit boolean mask; softmax in float32."""
-    b, t, h, kd = q_bthk.shape
-    g = k_bsgk.shape[2]
-    q = q_bthk.reshape(b, t, g, h // g, kd)
-    scores = jnp.einsum("btgrk,bsgk->bgrts", q, k_bsgk, preferred_element_type=jnp.float32)
-    scores = scores / math.sqrt(kd)
-    scores = jnp.where(mask_bts[:, None, None], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v_bsgk.dtype)
-    out = jnp.einsum("bgrts,bsgk->btgrk", probs, v_bsgk)
-    return out.reshape(b, t, h, kd)
-
-
 def attn_out(o_bthk, p, cfg: GPTConfig):
     b, t, h, k = o_bthk.shape
     out = jnp.einsum("nhk,hkd->nd", o_bthk.reshape(b * t, h, k), p["wo"].astype(cfg.dtype))
@@ -174,12 +166,12 @@ def mlp(x_btd, p, cfg: GPTConfig):
     return jnp.einsum("nf,fd->nd", hidden, p["w_down"].astype(dt)).reshape(b, t, d)
 
 
-def block(x_btd, p, cos, sin, mask_bts, cfg: GPTConfig):
+def block(x_btd, p, cos, sin, cfg: GPTConfig):
     """One decoder layer: pre-norm attention and SwiGLU MLP, each with a residual."""
     with jax.named_scope("attention"):
         h = rms_norm(x_btd, p["attn_norm"], cfg.norm_eps)
         q, k, v = qkv(h, p, cos, sin, cfg)
-        x_btd = x_btd + attn_out(attend(q, k, v, mask_bts), p, cfg)
+        x_btd = x_btd + attn_out(causal_attention(q, k, v, cfg.attention), p, cfg)
     with jax.named_scope("mlp"):
         h = rms_norm(x_btd, p["mlp_norm"], cfg.norm_eps)
         x_btd = x_btd + mlp(h, p, cfg)
@@ -194,10 +186,6 @@ def _remat(fn, policy: str):
         "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
     }[policy]
     return jax.checkpoint(fn, policy=saveable, prevent_cse=False)
-
-
-def causal_mask(t: int):
-    return jnp.tril(jnp.ones((t, t), dtype=bool))[None]
 
 
 def embed(params, tokens_bt, cfg: GPTConfig):
@@ -236,10 +224,9 @@ def hidden_states(params, tokens_bt, cfg: GPTConfig):
     b, t = tokens_bt.shape
     x = embed(params, tokens_bt, cfg)
     cos, sin = rope_tables(jnp.broadcast_to(jnp.arange(t), (b, t)), cfg.head_dim, cfg.rope_theta)
-    mask = causal_mask(t)
 
     def body(x, layer_params):
-        return block(x, layer_params, cos, sin, mask, cfg), None
+        return block(x, layer_params, cos, sin, cfg), None
 
     layers = in_compute_dtype(params, cfg)["layers"]
     with jax.named_scope("layers"):

@@ -22,6 +22,7 @@ class TrainConfig:
     grad_accum: int = 1
     remat: str | None = None  # None: the model's own (or `--set remat=...`)
     dtype: str | None = None  # None: the model's own compute_dtype
+    attention: str | None = None  # None: the model's own (auto: chosen per backend)
     lr: float = 1e-3
     warmup: int = 10
     schedule_steps: int | None = None  # the LR schedule's length; default: steps
@@ -57,7 +58,12 @@ class TrainConfig:
         from spmd.compiler.program import build_model  # jax and optax: only when needed
 
         model = build_model(
-            self.model, dict(self.overrides), remat=self.remat, dtype=self.dtype, seq=self.seq
+            self.model,
+            dict(self.overrides),
+            remat=self.remat,
+            dtype=self.dtype,
+            attention=self.attention,
+            seq=self.seq,
         )
         if vocab_size and model.cfg.vocab_size < vocab_size:
             raise SpmdError(
