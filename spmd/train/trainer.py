@@ -261,7 +261,7 @@ def _abstract_batch(shapes, shardings):
 def _initial_state(cfg, model, opt, mesh, rules, abstract, loader):
     """A fresh state, or with --resume the newest valid checkpoint resharded onto `mesh`."""
     rng = jax.random.key(cfg.seed)
-    found = ckpt.restore_train_state(cfg.ckpt_dir, abstract) if cfg.resume else None
+    found = ckpt.restore_train_state(cfg.ckpt_dir, abstract, set_aside=True) if cfg.resume else None
     if found is None:
         if cfg.resume:
             ckpt.warn(f"--resume: no checkpoint in {cfg.ckpt_dir} yet; starting from step 0")
@@ -270,8 +270,7 @@ def _initial_state(cfg, model, opt, mesh, rules, abstract, loader):
         return state, 0, {"rng": _key_to_json(rng)}
     step, state, meta, saved = found
     _check_compatible(cfg, saved, step)
-    for name in ckpt.set_aside_newer(cfg.ckpt_dir, step):
-        ckpt.warn(f"moved the invalid newer step aside to {cfg.ckpt_dir}/{name}")
+    ckpt.set_aside_newer(cfg.ckpt_dir, step)  # the fallback's warnings named the new names
     loader.set_state(meta["loader"])
     _log(f"resumed from {cfg.ckpt_dir} step {step} (saved on mesh {saved['mesh']})")
     return state, step, meta
