@@ -276,3 +276,39 @@ def test_resume_refuses_a_different_batch(run_a, env, data):
         expect=2,
     )
     assert "batch=16" in out.stderr and len(out.stderr.strip().splitlines()) == 1
+
+
+@pytest.fixture(scope="module")
+def run_many(tmp_path_factory, env, data):
+    """18 steps with a checkpoint every 2, all kept: many steps to fall back through."""
+    root = tmp_path_factory.mktemp("many")
+    args = ["--mesh", "fsdp=8", "--steps", "18", "--ckpt-every", "2", "--keep", "9"]
+    train(env, *base_args(data, *args, "--ckpt-dir", str(root / "ck"),
+                          "--metrics-file", str(root / "m.jsonl")))  # fmt: skip
+    return root, args, rows_of(root / "m.jsonl")
+
+
+def test_falling_back_through_corrupt_optimizer_states_is_one_line_each(
+    run_many, tmp_path, env, data
+):
+    """Each failed restore abandons orbax's other reads in flight; their aftermath (asyncio
+    'Event loop is closed' tracebacks, TensorStore specs) used to print thousands of lines.
+    Eight corrupt steps in a row made it show on every try; now each is one warning."""
+    root, args, reference = run_many
+    ck = shutil.copytree(root / "ck", tmp_path / "ck")
+    corrupt = [4, 6, 8, 10, 12, 14, 16, 18]
+    for step in corrupt:
+        files = [f for f in (ck / str(step) / "opt_state").rglob("*") if f.is_file()]
+        victim = max(files, key=lambda f: f.stat().st_size)
+        victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
+    out = train(env, *base_args(data, *args, "--ckpt-dir", str(ck), "--resume",
+                                "--metrics-file", str(tmp_path / "m.jsonl")))  # fmt: skip
+    lines = out.stderr.splitlines()
+    assert len(lines) == len(corrupt), out.stderr[-3000:]
+    for line, step in zip(lines, reversed(corrupt), strict=True):
+        assert line.startswith(f"spmd: warning: checkpoint step {step} in ")
+        assert f"set aside as {step}.invalid, falling back to step {step - 2}" in line
+    assert "resumed from" in out.stdout and "step 2 " in out.stdout
+    assert ckpt.all_steps(ck) == list(range(2, 19, 2))  # saved again by the resumed run
+    assert {p.name for p in ck.glob("*.invalid")} == {f"{s}.invalid" for s in corrupt}
+    assert_losses_match(reference, rows_of(tmp_path / "m.jsonl"), range(3, 19), atol=1e-6)
