@@ -182,7 +182,7 @@ def restore_with_fallback(
     ckpt_dir: str, restore: Callable[[int], Any], step: int | None = None, set_aside=False
 ):
     """`(step, restore(step))` for the newest step that restores, one warning per corrupt
-    step skipped.
+    step skipped. `restore` must not run collectives: processes may disagree on a step.
 
     Returns None if there is no step folder at all; raises SpmdError if no step restores,
     or at once, with every folder as it was, for a failure that says nothing against the
@@ -326,21 +326,18 @@ def restore_train_state(ckpt_dir: str, abstract_state, step: int | None = None, 
     `abstract_state` is a TrainState of ShapeDtypeStructs carrying the target shardings.
     """
 
-    def restore(s: int):
+    def restore(s: int):  # no collectives in here: processes may be on different paths
         items = _restore_items(
             ckpt_dir, s, params=abstract_state.params, opt_state=abstract_state.opt_state
         )
-        meta, config = (_read_json(ckpt_dir, s, item) for item in JSON_ITEMS)
-        step_array = jax.device_put(np.int32(meta["step"]), abstract_state.step.sharding)
-        state = type(abstract_state)(
-            step=step_array, params=items["params"], opt_state=items["opt_state"]
-        )
-        return state, meta, config
+        return items, *(_read_json(ckpt_dir, s, item) for item in JSON_ITEMS)
 
     found = restore_with_fallback(ckpt_dir, restore, step, set_aside)
     if found is None:
         return None
-    s, (state, meta, config) = found
+    s, (items, meta, config) = found
+    step_array = jax.device_put(np.int32(meta["step"]), abstract_state.step.sharding)
+    state = type(abstract_state)(step=step_array, **items)
     return s, state, meta, config
 
 
