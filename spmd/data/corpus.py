@@ -7,6 +7,7 @@ A corpus is a list of `(name, text)` documents in a stable order.
 from __future__ import annotations
 
 import glob
+import hashlib
 import json
 import os
 import sysconfig
@@ -44,8 +45,22 @@ def load_documents(path: str | None) -> list[Document]:
     return docs
 
 
+def fingerprint(docs: list[Document]) -> str:
+    """sha256 over every document's name and text, in order: equal exactly when the batch
+    sequence is (names decide the validation split). About 50 ms for the stdlib's 30 MB."""
+    digest = hashlib.sha256()
+    for doc in docs:
+        for part in doc:
+            data = part.encode("utf-8", "surrogatepass")
+            digest.update(len(data).to_bytes(8, "little"))  # no two splits hash alike
+            digest.update(data)
+    return digest.hexdigest()
+
+
 def _resolve(path: str) -> list[Path]:
-    p = Path(path)
+    """The files `path` names, as absolute paths: document names must not depend on how
+    the path was spelled (`data/x` or `/home/me/data/x`), since they decide the split."""
+    p = Path(os.path.abspath(path))
     if p.is_file():
         return [p]
     if p.is_dir():
@@ -56,7 +71,8 @@ def _resolve(path: str) -> list[Path]:
             )
         return files
     if glob.has_magic(path):
-        files = sorted(Path(f) for f in glob.glob(path, recursive=True) if os.path.isfile(f))
+        found = glob.glob(str(p), recursive=True)
+        files = sorted(Path(f) for f in found if os.path.isfile(f))
         if not files:
             raise SpmdError(f"--data {path} matches no files")
         return files

@@ -28,7 +28,7 @@ from spmd.errors import SpmdError
 from spmd.mesh import make_mesh
 from spmd.models import Model, get_model
 from spmd.rules import Rules, sharding_context
-from spmd.train import monitor, optim
+from spmd.train import monitor, optim, resume
 from spmd.train.state import TrainState, abstract_state, init_state
 from spmd.train.step import batch_shardings, compile_step
 from spmd.train.stop import StopFlag
@@ -136,6 +136,7 @@ class Run:
     shapes: dict
     meta: dict
     compile_s: float
+    data_id: dict = dataclasses.field(default_factory=dict)  # see spmd.train.resume
 
 
 def run(cfg: TrainConfig, rules: Rules | None = None, argv: list[str] | None = None) -> dict:
@@ -187,12 +188,14 @@ def setup(cfg: TrainConfig, rules: Rules | None = None) -> Run:
     step_fn = compile_step(model, opt, schedule, mesh, shapes, rules, cfg.grad_accum)
     shardings = batch_shardings(model, shapes, mesh, rules)
     rows = process_rows(shardings["inputs"], shapes["inputs"])
-    loader, val_loader = _loaders(cfg, tokenizer, rows)
+    loader, val_loader, data_id = _loaders(cfg, tokenizer, rows)
     t0 = time.perf_counter()
     abstract = abstract_state(model, opt, mesh, rules)
     compiled = step_fn.lower(abstract, _abstract_batch(shapes, shardings)).compile()
     compile_s = time.perf_counter() - t0
-    state, start_step, meta = _initial_state(cfg, model, opt, mesh, rules, abstract, loader)
+    state, start_step, meta = _initial_state(
+        cfg, model, opt, mesh, rules, abstract, loader, data_id
+    )
     _log(
         f"model {model.name}: {P.count(model.specs()):,} parameters | mesh {cfg.mesh} on "
         f"{mesh.devices.size} devices | batch {cfg.batch}x{cfg.seq} | compiled in {compile_s:.1f}s"
@@ -212,6 +215,7 @@ def setup(cfg: TrainConfig, rules: Rules | None = None) -> Run:
         shapes,
         meta,
         compile_s,
+        data_id,
     )
 
 
@@ -238,12 +242,14 @@ def _with_tokenizer_vocab(cfg: TrainConfig, tokenizer) -> TrainConfig:
 
 
 def _loaders(cfg: TrainConfig, tokenizer, rows: range):
-    train_docs, val_docs = corpus.split_documents(corpus.load_documents(cfg.data))
+    docs = corpus.load_documents(cfg.data)
+    data_id = resume.data_identity(cfg.data, docs)
+    train_docs, val_docs = corpus.split_documents(docs)
     loader = PackedLoader(
         tokenize_documents(train_docs, tokenizer), cfg.batch, cfg.seq, cfg.seed, rows
     )
     if not cfg.eval_every:
-        return loader, None
+        return loader, None, data_id
     val_tokens = tokenize_documents(val_docs, tokenizer)
     if len(val_tokens) <= cfg.batch * cfg.seq:
         raise SpmdError(
@@ -251,14 +257,15 @@ def _loaders(cfg: TrainConfig, tokenizer, rows: range):
             f"but the held-out documents of {cfg.data or 'the stdlib'} have {len(val_tokens)}; "
             "give more documents (a folder or a .jsonl) or drop --eval-every"
         )
-    return loader, PackedLoader(val_tokens, cfg.batch, cfg.seq, 0, rows, shuffle=False, prefetch=0)
+    val_loader = PackedLoader(val_tokens, cfg.batch, cfg.seq, 0, rows, shuffle=False, prefetch=0)
+    return loader, val_loader, data_id
 
 
 def _abstract_batch(shapes, shardings):
     return {k: jax.ShapeDtypeStruct(s, np.int32, sharding=shardings[k]) for k, s in shapes.items()}
 
 
-def _initial_state(cfg, model, opt, mesh, rules, abstract, loader):
+def _initial_state(cfg, model, opt, mesh, rules, abstract, loader, data_id):
     """A fresh state, or with --resume the newest valid checkpoint resharded onto `mesh`."""
     rng = jax.random.key(cfg.seed)
     found = ckpt.restore_train_state(cfg.ckpt_dir, abstract, set_aside=True) if cfg.resume else None
@@ -270,6 +277,7 @@ def _initial_state(cfg, model, opt, mesh, rules, abstract, loader):
         return state, 0, {"rng": _key_to_json(rng)}
     step, state, meta, saved = found
     _check_compatible(cfg, saved, step)
+    resume.check_same_data(data_id, saved, step)
     ckpt.set_aside_newer(cfg.ckpt_dir, step)  # the fallback's warnings named the new names
     loader.set_state(meta["loader"])
     _log(f"resumed from {cfg.ckpt_dir} step {step} (saved on mesh {saved['mesh']})")
@@ -279,6 +287,8 @@ def _initial_state(cfg, model, opt, mesh, rules, abstract, loader):
 def _check_compatible(cfg: TrainConfig, saved: dict, step: int) -> None:
     mine = cfg.to_json()
     for name in MUST_MATCH:
+        if name == "data" and not resume.compares_data_by_path(saved):
+            continue  # its content's fingerprint decides, once the data is loaded
         a, b = _canonical(name, mine.get(name)), _canonical(name, saved.get(name))
         if a != b:
             raise SpmdError(
@@ -350,7 +360,7 @@ def _save(r: Run, checkpointer, step: int, state) -> float:
     """Start a save; returns how long the loop was blocked (the async write goes on)."""
     t0 = time.perf_counter()
     meta = {"loader": r.loader.get_state(), "rng": r.meta["rng"], "mesh": r.cfg.mesh}
-    checkpointer.save(step, state, meta, {**r.cfg.to_json(), "mesh": r.cfg.mesh})
+    checkpointer.save(step, state, meta, {**r.cfg.to_json(), "mesh": r.cfg.mesh, **r.data_id})
     return time.perf_counter() - t0
 
 
