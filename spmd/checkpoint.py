@@ -10,12 +10,17 @@ the new mesh's shardings, so each device reads only its own slices, whatever mes
 
 Orbax lists any step folder, even an empty or half-written one, as a step, and a truncated
 data file only shows when it is read. So every step is checked before it is trusted, and a
-restore that fails falls back to the previous step with a warning.
+restore that finds the step corrupt falls back to the previous step with one warning line.
+A failure that says nothing against the step's bytes (out of memory, no permission, a
+filesystem hiccup) stops instead and leaves every step folder as it was: `spmd.ckpt_faults`
+tells the two apart. In a multi-process job, process 0 chooses the step and every process
+restores exactly that one; if any process cannot, the whole job stops.
 """
 
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import logging
 import sys
@@ -26,7 +31,8 @@ from typing import Any
 import jax
 import numpy as np
 
-from spmd.distributed import is_main_process
+from spmd import ckpt_faults, ckpt_quiet
+from spmd.distributed import allgather_int, is_main_process
 from spmd.errors import SpmdError
 
 ARRAY_ITEMS = ("params", "opt_state")
@@ -59,7 +65,8 @@ def all_steps(ckpt_dir: str) -> list[int]:
 def step_problem(ckpt_dir: str, step: int) -> str | None:
     """Why step `step` cannot be a finished checkpoint, or None if its structure is whole.
 
-    This reads only metadata; a truncated array file shows when the arrays are read.
+    This reads only metadata; a truncated array file shows when the arrays are read. An
+    OSError other than a missing file (no permission, EIO) is raised: it is no verdict.
     """
     path = Path(ckpt_dir) / str(step)
     if not path.is_dir() or not any(path.iterdir()):
@@ -72,25 +79,31 @@ def step_problem(ckpt_dir: str, step: int) -> str | None:
     for item in JSON_ITEMS:
         try:
             json.loads((path / item / "metadata").read_text())
-        except (OSError, ValueError):
+        except (FileNotFoundError, ValueError):
             return f"item {item!r} is missing or not JSON"
     return None
 
 
 def latest_valid_step(ckpt_dir: str) -> int | None:
     """The newest step whose folder is whole (see `step_problem`), or None."""
-    for step in reversed(all_steps(ckpt_dir)):
-        if step_problem(ckpt_dir, step) is None:
-            return step
+    try:
+        for step in reversed(all_steps(ckpt_dir)):
+            if step_problem(ckpt_dir, step) is None:
+                return step
+    except OSError as e:
+        raise SpmdError(f"cannot read the checkpoints in {ckpt_dir}: {e}") from None
     return None
 
 
 def read_json_item(ckpt_dir: str, step: int, item: str) -> dict:
-    path = Path(ckpt_dir) / str(step) / item / "metadata"
     try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        raise SpmdError(f"checkpoint {ckpt_dir} step {step}: {item} is unreadable") from None
+        return _read_json(ckpt_dir, step, item)
+    except (OSError, ValueError) as e:
+        raise SpmdError(f"checkpoint {ckpt_dir} step {step}: {item} is unreadable ({e})") from None
+
+
+def _read_json(ckpt_dir: str, step: int, item: str) -> dict:
+    return json.loads((Path(ckpt_dir) / str(step) / item / "metadata").read_text())
 
 
 def load_run_config(ckpt_dir: str, step: int | None = None) -> dict:
@@ -162,30 +175,88 @@ class Checkpointer:
 # ----------------------------------------------------------------------------- restoring
 
 
-def restore_with_fallback(ckpt_dir: str, restore: Callable[[int], Any], step: int | None = None):
-    """`(step, restore(step))` for the newest step that restores, warning for each that fails.
+OK, CORRUPT, FAILED = 0, 1, 2  # one process's verdict on one step, shared with the others
 
-    Returns None if there is no step folder at all; raises SpmdError if none restores. With
-    `step` given, only that step is tried.
+
+def restore_with_fallback(
+    ckpt_dir: str, restore: Callable[[int], Any], step: int | None = None, set_aside=False
+):
+    """`(step, restore(step))` for the newest step that restores, one warning per corrupt
+    step skipped. `restore` must not run collectives: processes may disagree on a step.
+
+    Returns None if there is no step folder at all; raises SpmdError if no step restores,
+    or at once, with every folder as it was, for a failure that says nothing against the
+    step's bytes (see `spmd.ckpt_faults`). With `step` given, only that step is tried. In a
+    job of several processes, process 0's steps and verdicts choose: the others follow it,
+    or stop the whole job. `set_aside` says in each warning that the caller will rename the
+    skipped step (`set_aside_newer`).
     """
     steps = all_steps(ckpt_dir) if step is None else [step]
-    if not steps:
-        return None
-    failures = []
-    for candidate in reversed(steps):
-        problem = step_problem(ckpt_dir, candidate)
-        if problem is None:
-            try:
-                return candidate, restore(candidate)
-            except Exception as e:  # orbax/tensorstore raise many kinds for bad data
-                problem = f"reading it failed: {_first_line(e)}"
+    failures: list[int] = []
+    candidate = _next_candidate(steps, None)
+    while candidate is not None:
+        verdict, detail, result = _attempt(ckpt_dir, candidate, restore)
+        verdicts = allgather_int(verdict)
+        if all(v == OK for v in verdicts):
+            return candidate, result
+        if FAILED in verdicts or verdicts[0] == OK:
+            _stop(ckpt_dir, candidate, verdicts, verdict, detail)
         failures.append(candidate)
-        rest = [s for s in steps if s < candidate]
-        then = f"falling back to step {rest[-1]}" if rest else "no earlier step to fall back to"
-        warn(f"checkpoint step {candidate} in {ckpt_dir} is not valid ({problem}); {then}")
+        _warn_skipped(ckpt_dir, candidate, detail, [s for s in steps if s < candidate], set_aside)
+        candidate = _next_candidate(steps, candidate)
+    if not failures:
+        return None
     raise SpmdError(
         f"{ckpt_dir} holds no valid checkpoint (steps {', '.join(map(str, failures))} "
         "are all incomplete or corrupt)"
+    )
+
+
+def _warn_skipped(ckpt_dir: str, step: int, why: str, older: list[int], set_aside: bool):
+    """The one line a user sees for a skipped step (process 0's listing names the older)."""
+    then = f"falling back to step {older[-1]}" if older else "no earlier step to fall back to"
+    if set_aside and older:
+        then = f"it is set aside as {_invalid_path(ckpt_dir, step).name}, {then}"
+    warn(f"checkpoint step {step} in {ckpt_dir} is not valid ({why}); {then}")
+
+
+def _next_candidate(steps: list[int], below: int | None) -> int | None:
+    """Process 0's next step to try, newest first (a collective: every process asks)."""
+    mine = max((s for s in steps if below is None or s < below), default=-1)
+    chosen = allgather_int(mine)[0]
+    return None if chosen < 0 else chosen
+
+
+def _attempt(ckpt_dir: str, step: int, restore: Callable[[int], Any]):
+    """This process's `(verdict, why, result)` for `step`; it raises nothing, so that every
+    process gets to share its verdict."""
+    try:
+        problem = step_problem(ckpt_dir, step)
+        if problem:
+            return CORRUPT, problem, None
+        return OK, None, restore(step)
+    except Exception as e:  # orbax and tensorstore raise many kinds; ckpt_faults sorts them
+        reason, line = ckpt_faults.not_corruption(e), ckpt_faults.first_line(e)
+    gc.collect()  # frees what the failed attempt read (its traceback is gone now)
+    if reason is None:
+        return CORRUPT, f"reading it failed: {line}", None
+    return FAILED, f"{reason}: {line}", None
+
+
+def _stop(ckpt_dir: str, step: int, verdicts: list[int], verdict: int, detail: str | None):
+    kept = "every checkpoint folder was left as it was"
+    where = f"checkpoint step {step} in {ckpt_dir}"
+    if verdict == FAILED:
+        raise SpmdError(f"could not restore {where} ({detail}); {kept}")
+    if verdict == CORRUPT:
+        raise SpmdError(
+            f"this process cannot read {where} ({detail}) but process 0 restored it; every "
+            f"process must restore the same step, so the job stops; {kept}"
+        )
+    others = ", ".join(str(i) for i, v in enumerate(verdicts) if v != OK)
+    raise SpmdError(
+        f"process {others} could not restore {where} (its own line says why); every "
+        f"process must restore the same step, so the job stops; {kept}"
     )
 
 
@@ -196,10 +267,7 @@ def set_aside_newer(ckpt_dir: str, step: int) -> list[str]:
     if is_main_process():
         for s in all_steps(ckpt_dir):
             if s > step:
-                target = Path(ckpt_dir) / f"{s}.invalid"
-                n = 1
-                while target.exists():
-                    target, n = Path(ckpt_dir) / f"{s}.invalid{n}", n + 1
+                target = _invalid_path(ckpt_dir, s)
                 (Path(ckpt_dir) / str(s)).rename(target)
                 moved.append(target.name)
     if jax.process_count() > 1:
@@ -209,25 +277,33 @@ def set_aside_newer(ckpt_dir: str, step: int) -> list[str]:
     return moved
 
 
-def _first_line(e: BaseException) -> str:
-    """The root cause's first line: tensorstore's own words, not orbax's wrapper."""
-    while e.__cause__ is not None or e.__context__ is not None:
-        e = e.__cause__ or e.__context__
-    text = str(e).strip().splitlines()
-    return (text[0] if text else type(e).__name__)[:240]
+def _invalid_path(ckpt_dir: str, step: int) -> Path:
+    target, n = Path(ckpt_dir) / f"{step}.invalid", 1
+    while target.exists():
+        target, n = Path(ckpt_dir) / f"{step}.invalid{n}", n + 1
+    return target
 
 
 def _restore_items(ckpt_dir: str, step: int, **targets) -> dict:
-    """Restore array items into abstract targets (whose shardings say where each slice goes)."""
+    """Restore array items into abstract targets (whose shardings say where each slice goes).
+
+    Each process reads only its own slices, with no barrier: processes share their verdicts
+    afterwards (`restore_with_fallback`), and one that failed mid-read must not leave the
+    others waiting in orbax's barrier.
+    """
     ocp = _ocp()
+    ckpt_quiet.install()
+    me = jax.process_index()
     args = {k: ocp.args.StandardRestore(v) for k, v in targets.items()}
-    with (
-        _quiet_read_only_notices(),
-        ocp.CheckpointManager(
-            str(Path(ckpt_dir).absolute()), options=ocp.CheckpointManagerOptions(read_only=True)
-        ) as manager,
-    ):
-        restored = manager.restore(step, args=ocp.args.Composite(**args))
+    with _quiet_read_only_notices():  # the options log them when they are made
+        options = ocp.CheckpointManagerOptions(
+            read_only=True,
+            multiprocessing_options=ocp.options.MultiprocessingOptions(
+                primary_host=me, active_processes={me}
+            ),
+        )
+        with ocp.CheckpointManager(str(Path(ckpt_dir).absolute()), options=options) as manager:
+            restored = manager.restore(step, args=ocp.args.Composite(**args))
     return {k: restored[k] for k in targets}
 
 
@@ -244,27 +320,24 @@ def _quiet_read_only_notices():
         absl.setLevel(level)
 
 
-def restore_train_state(ckpt_dir: str, abstract_state, step: int | None = None):
+def restore_train_state(ckpt_dir: str, abstract_state, step: int | None = None, set_aside=False):
     """`(step, TrainState, meta, config)` from the newest valid step, or None if none exists.
 
     `abstract_state` is a TrainState of ShapeDtypeStructs carrying the target shardings.
     """
 
-    def restore(s: int):
+    def restore(s: int):  # no collectives in here: processes may be on different paths
         items = _restore_items(
             ckpt_dir, s, params=abstract_state.params, opt_state=abstract_state.opt_state
         )
-        meta = read_json_item(ckpt_dir, s, "meta")
-        step_array = jax.device_put(np.int32(meta["step"]), abstract_state.step.sharding)
-        state = type(abstract_state)(
-            step=step_array, params=items["params"], opt_state=items["opt_state"]
-        )
-        return state, meta, read_json_item(ckpt_dir, s, "config")
+        return items, *(_read_json(ckpt_dir, s, item) for item in JSON_ITEMS)
 
-    found = restore_with_fallback(ckpt_dir, restore, step)
+    found = restore_with_fallback(ckpt_dir, restore, step, set_aside)
     if found is None:
         return None
-    s, (state, meta, config) = found
+    s, (items, meta, config) = found
+    step_array = jax.device_put(np.int32(meta["step"]), abstract_state.step.sharding)
+    state = type(abstract_state)(step=step_array, **items)
     return s, state, meta, config
 
 
@@ -282,25 +355,56 @@ def restore_params(ckpt_dir: str, model, layout, step: int | None = None):
     return found[1]
 
 
+class CouldNotVerify(SpmdError):
+    """Reading a step failed for a reason that says nothing against it (see ckpt_faults)."""
+
+
+VERIFY_BLOCK_BYTES = 64 << 20  # the most that verifying holds in memory at once
+
+
 def verify_step(ckpt_dir: str, step: int) -> str | None:
-    """Like `step_problem`, but also reads every array to host memory (catches truncation)."""
-    problem = step_problem(ckpt_dir, step)
-    if problem:
-        return problem
-    ocp = _ocp()
-    path = Path(ckpt_dir).absolute() / str(step)
-    one_device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    """Like `step_problem`, but also reads every array's bytes (catches truncation).
+
+    It reads straight from the files with tensorstore, one array and at most
+    VERIFY_BLOCK_BYTES at a time, on no device. Raises CouldNotVerify if reading fails for
+    a reason that is no verdict on the step (out of memory, no permission, EIO).
+    """
     try:
-        with ocp.PyTreeCheckpointer() as ckptr:
-            targets = {
-                item: jax.tree.map(
-                    lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one_device),
-                    ckptr.metadata(path / item).item_metadata.tree,
-                )
-                for item in ARRAY_ITEMS
-            }
-        for item, target in targets.items():  # one item at a time bounds the memory used
-            jax.block_until_ready(_restore_items(ckpt_dir, step, **{item: target}))
-    except Exception as e:  # the same failures a real restore would hit
-        return f"reading it failed: {_first_line(e)}"
+        problem = step_problem(ckpt_dir, step)
+        if problem:
+            return problem
+        for item in ARRAY_ITEMS:
+            _read_every_array(Path(ckpt_dir).absolute() / str(step) / item)
+    except Exception as e:  # tensorstore raises many kinds; ckpt_faults sorts them
+        reason, line = ckpt_faults.not_corruption(e), ckpt_faults.first_line(e)
+        if reason:
+            raise CouldNotVerify(f"{reason}: {line}") from None
+        return f"reading it failed: {line}"
     return None
+
+
+def _read_every_array(item_dir: Path) -> None:
+    import tensorstore as ts
+
+    json.loads((item_dir / "_METADATA").read_text())
+    kvstore = {"driver": "ocdbt", "base": f"file://{item_dir}/"}
+    for key in sorted(ts.KvStore.open(kvstore).result().list().result()):
+        name, _, leaf = key.decode().rpartition("/")
+        driver = {".zarray": "zarr", "zarr.json": "zarr3"}.get(leaf)
+        if name and driver:
+            spec = {
+                "driver": driver,
+                "kvstore": {**kvstore, "path": f"{name}/"},
+                "fill_missing_data_reads": False,  # a missing chunk is damage, not zeros
+            }
+            _read_in_blocks(ts.open(spec, open=True, read=True).result())
+
+
+def _read_in_blocks(array) -> None:
+    if array.ndim == 0 or array.shape[0] == 0:
+        array.read().result()
+        return
+    row_bytes = array.dtype.numpy_dtype.itemsize * int(np.prod(array.shape[1:]))
+    rows = max(1, VERIFY_BLOCK_BYTES // max(1, row_bytes))
+    for start in range(0, array.shape[0], rows):
+        array[start : min(start + rows, array.shape[0])].read().result()  # no clamping

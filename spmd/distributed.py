@@ -236,3 +236,13 @@ class AnyProcess:
         votes = jax.make_array_from_process_local_data(self._sharding, local, (jax.device_count(),))
         previous, self._pending = self._pending, self._max(votes)
         return previous is not None and bool(jax.device_get(previous))
+
+
+def allgather_int(value: int) -> list[int]:
+    """Every process's `value`, in rank order, the same list everywhere (a collective: every
+    process must call it, in the same order). In one process, `[value]`."""
+    if jax.process_count() == 1:
+        return [value]
+    from jax.experimental import multihost_utils
+
+    return [int(v) for v in np.asarray(multihost_utils.process_allgather(np.int32(value)))]

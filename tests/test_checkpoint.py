@@ -1,5 +1,6 @@
 """orbax checkpoints: round trips, resharded restores, and the corrupt-step fallbacks."""
 
+import errno
 import json
 import subprocess
 import sys
@@ -162,19 +163,152 @@ def test_nothing_is_pickled(saved):
             assert f.read_bytes()[:2] not in (b"\x80\x03", b"\x80\x04", b"\x80\x05"), f
 
 
+def _info(directory, *flags) -> dict:
+    return {r["step"]: r for r in _info_json(directory, *flags)["steps"]}
+
+
+def _info_json(directory, *flags) -> dict:
+    import contextlib
+    import io
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert cli.main(["checkpoint", "info", str(directory), "--json", *flags]) == 0
+    return json.loads(out.getvalue())
+
+
 def test_checkpoint_info_command(saved, tmp_path, capsys):
     directory = _copy(saved[0], tmp_path)
     (directory / "9").mkdir()
     victim = _largest_data_file(directory / "3")
     victim.write_bytes(victim.read_bytes()[:100])
-    assert cli.main(["checkpoint", "info", str(directory), "--json"]) == 0
-    info = json.loads(capsys.readouterr().out)
+    # By default only the metadata is read: fast, and blind to the truncated file.
+    quick = _info(directory)
+    assert {s: r["problem"] is None for s, r in quick.items()} == {
+        1: True,
+        2: True,
+        3: True,
+        9: False,
+    }
+    assert _info(directory, "--quick") == quick  # the old flag still works
+    info = _info_json(directory, "--verify")
     valid = {r["step"]: r["problem"] is None for r in info["steps"]}
     assert valid == {1: True, 2: True, 3: False, 9: False}
+    assert "reading it failed" in info["steps"][2]["problem"]
     assert info["latest_valid"] == 2 and info["config"]["model"] == "gpt-tiny"
     assert all(r["bytes"] > 0 for r in info["steps"] if r["step"] != 9)
     assert cli.main(["checkpoint", "info", str(tmp_path / "none")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kind", [MemoryError, PermissionError])
+def test_info_verify_that_cannot_read_says_so_and_marks_nothing_invalid(
+    saved, tmp_path, capsys, monkeypatch, kind
+):
+    """Verifying a valid step ran out of memory (or was refused): no verdict on the step."""
+    directory = _copy(saved[0], tmp_path)
+
+    def read(item_dir):
+        if item_dir.parent.name == "3":
+            raise kind(errno.ENOMEM if kind is MemoryError else errno.EACCES, "no luck")
+        return original(item_dir)
+
+    original = ckpt._read_every_array
+    monkeypatch.setattr(ckpt, "_read_every_array", read)
+    rows = _info(directory, "--verify")
+    assert [rows[s]["problem"] for s in (1, 2, 3)] == [None, None, None]
+    assert rows[3]["unverified"].startswith("out of memory" if kind is MemoryError else "perm")
+    assert rows[2]["unverified"] is None and rows[2]["verified"]
+    assert cli.main(["checkpoint", "info", str(directory), "--verify"]) == 0
+    out = capsys.readouterr().out
+    assert "could not verify: " in out and "INVALID" not in out
+    assert "2 valid, 1 not verified" in out
+
+
+def _raised(inner: BaseException, wrap: bool = True) -> BaseException:
+    """`inner` as orbax hands it on: raised inside a bare Exception about the array index."""
+    if not wrap:
+        return inner
+    try:
+        try:
+            raise inner
+        except BaseException as e:
+            raise Exception("Encountered error while reading array index: (slice(0, 2, 1),)") from e
+    except Exception as outer:
+        return outer
+
+
+TS = 'Error reading "1.0.mu.embed/0.0" in OCDBT database at local file "/c/3/opt_state/"'
+NOT_CORRUPTION = {  # failures that say nothing against the step: stop, rename nothing
+    "MemoryError": (MemoryError(), "out of memory"),
+    "xla-oom": (
+        jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating 96.00MiB."),
+        "out of memory",
+    ),
+    "tensorstore-oom": (_raised(ValueError(f"RESOURCE_EXHAUSTED: {TS}")), "out of memory"),
+    "PermissionError": (PermissionError(errno.EACCES, "Permission denied", "x"), "permission"),
+    "ts-permission": (_raised(ValueError(f"PERMISSION_DENIED: {TS}")), "permission denied"),
+    "EIO": (OSError(errno.EIO, "Input/output error"), "filesystem error"),
+    "ESTALE": (_raised(OSError(errno.ESTALE, "Stale file handle")), "filesystem error"),
+    "timeout": (TimeoutError("timed out"), "filesystem error"),
+    "ts-timeout": (_raised(ValueError(f"DEADLINE_EXCEEDED: {TS}")), "timed out"),
+    "ts-unavailable": (_raised(ValueError(f"UNAVAILABLE: {TS}")), "unavailable"),
+    "ts-EIO": (
+        _raised(ValueError(f"FAILED_PRECONDITION: {TS}: [OS error 5: Input/output error]")),
+        "filesystem error",
+    ),
+    "unforeseen": (RuntimeError("something nobody foresaw"), "unexpected error"),
+}
+CORRUPTION = {
+    "truncated": _raised(ValueError(f"OUT_OF_RANGE: {TS}: Requested byte range [9, 99)")),
+    "data-loss": _raised(ValueError(f"DATA_LOSS: {TS}")),
+    "undecodable": _raised(ValueError(f"FAILED_PRECONDITION: {TS}: Truncated Zstd stream")),
+    "missing-file": FileNotFoundError(errno.ENOENT, "No such file or directory", "x"),
+    "bad-json": _raised(json.JSONDecodeError("Expecting value", "{", 1), wrap=False),
+}
+
+
+def _fail_step_3(monkeypatch, error):
+    original = ckpt._restore_items
+
+    def restore(ckpt_dir, step, **targets):
+        if step == 3:
+            raise error
+        return original(ckpt_dir, step, **targets)
+
+    monkeypatch.setattr(ckpt, "_restore_items", restore)
+
+
+@pytest.mark.parametrize("name", NOT_CORRUPTION)
+def test_a_failure_that_is_not_corruption_stops_and_renames_nothing(
+    saved, tmp_path, monkeypatch, capsys, name
+):
+    error, words = NOT_CORRUPTION[name]
+    directory = _copy(saved[0], tmp_path)
+    before = sorted(p.name for p in directory.iterdir())
+    _fail_step_3(monkeypatch, error)
+    target = _target()
+    with pytest.raises(SpmdError, match="could not restore checkpoint step 3") as e:
+        ckpt.restore_train_state(directory, target, set_aside=True)
+    message = str(e.value)
+    assert words in message and "left as it was" in message and "\n" not in message
+    assert sorted(p.name for p in directory.iterdir()) == before
+    assert capsys.readouterr().err == ""  # no fallback warning: it did not fall back
+
+
+@pytest.mark.parametrize("name", CORRUPTION)
+def test_corruption_falls_back_and_names_the_folder_it_sets_aside(
+    saved, tmp_path, monkeypatch, capsys, name
+):
+    directory = _copy(saved[0], tmp_path)
+    _fail_step_3(monkeypatch, CORRUPTION[name])
+    target = _target()
+    step, *_ = ckpt.restore_train_state(directory, target, set_aside=True)
+    assert step == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and "step 3" in err[0] and "set aside as 3.invalid" in err[0]
+    assert ckpt.set_aside_newer(directory, step) == ["3.invalid"]
+    assert ckpt.all_steps(directory) == [1, 2]
 
 
 @pytest.mark.slow

@@ -43,11 +43,23 @@ def test_sources_file_folder_glob_and_jsonl(tmp_path):
     (tmp_path / "sub").mkdir()
     (tmp_path / "sub" / "b.md").write_text("beta")
     (tmp_path / "skip.bin").write_bytes(b"\0")
-    assert corpus.load_documents(str(tmp_path / "a.txt")) == [(str(tmp_path / "a.txt"), "alpha")]
-    assert [t for _, t in corpus.load_documents(str(tmp_path))] == ["alpha", "beta"]
-    assert [t for _, t in corpus.load_documents(str(tmp_path / "**" / "*.md"))] == ["beta"]
+    assert corpus.load_documents(str(tmp_path / "a.txt")) == [("a.txt", "alpha")]
+    assert corpus.load_documents(str(tmp_path)) == [("a.txt", "alpha"), ("sub/b.md", "beta")]
+    assert corpus.load_documents(str(tmp_path / "**" / "*.md")) == [("sub/b.md", "beta")]
     docs = corpus.load_documents(_jsonl(tmp_path / "d.jsonl", 3))
-    assert len(docs) == 3 and docs[0][1].startswith("doc 0:")
+    assert len(docs) == 3 and docs[0][1].startswith("doc 0:") and docs[0][0] == "d.jsonl:1"
+
+
+def test_document_names_do_not_depend_on_where_the_corpus_lives(tmp_path, monkeypatch):
+    """Names decide the validation split: a relative path, an absolute one and a moved copy
+    of the same folder give the same documents."""
+    for where in ("a", "b/c"):
+        (tmp_path / where / "sub").mkdir(parents=True)
+        (tmp_path / where / "sub" / "x.txt").write_text("text")
+    monkeypatch.chdir(tmp_path)
+    docs = corpus.load_documents("a")
+    assert docs == corpus.load_documents(str(tmp_path / "a")) == corpus.load_documents("b/c")
+    assert corpus.fingerprint(docs) == corpus.fingerprint(corpus.load_documents("b/c"))
 
 
 @pytest.mark.parametrize(

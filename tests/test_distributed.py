@@ -245,3 +245,108 @@ def test_job_rank_is_read_without_joining(monkeypatch):
         monkeypatch.setenv(name, value)
     assert D.job_rank() == 3
     assert not jax.distributed.is_initialized()
+
+
+# --- every process restores the same step ----------------------------------------------
+
+AGREE = [
+    "train", "--model", "gpt-tiny", "--set", "n_layers=2,d_model=64", "--mesh", "fsdp=4,tensor=2",
+    "--batch", "8", "--seq", "32", "--ckpt-every", "2", "--ckpt-dir", "ck", "--no-progress",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def steps_2_and_4(tmp_path_factory, env):
+    """A 1-process run's checkpoints at steps 2 and 4 in one/ck, and its data file."""
+    tmp = tmp_path_factory.mktemp("agree")
+    (tmp / "one").mkdir()
+    (tmp / "corpus.txt").write_text(
+        "".join(f"line {i}: a tale of two ranks.\n" for i in range(600))
+    )
+    out = run_spmd(
+        *AGREE, "--steps", "4", "--devices", "8", "--data", str(tmp / "corpus.txt"),
+        env=env, cwd=str(tmp / "one"), timeout=300,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    return tmp / "one" / "ck", ["--data", str(tmp / "corpus.txt")]
+
+
+def _copies(ckpt_dir, tmp, corrupt_in: str) -> list:
+    """Folders A/ and B/ holding the same checkpoint, except that step 4's optimizer state
+    is truncated in `corrupt_in` only: exactly one process will find it unreadable."""
+    for name in ("A", "B"):
+        shutil.copytree(ckpt_dir, tmp / name / "ck")
+    files = [f for f in (tmp / corrupt_in / "ck" / "4" / "opt_state").rglob("*") if f.is_file()]
+    victim = max(files, key=lambda f: f.stat().st_size)
+    victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
+    return [tmp / "A", tmp / "B"]
+
+
+def _two_processes_in(folders, args, env) -> list:
+    """Ranks 0 and 1 of one job, started by hand as `spmd launch` would start them, each in
+    its own working directory; returns each one's (exit status, stdout, stderr)."""
+    from spmd.commands.launch import child_env, coordinator_port
+
+    port = coordinator_port(None)
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "spmd.cli", *args],
+            cwd=str(folder),
+            env=spmd_env({**env, **child_env(rank, 2, 4, port)}),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        for rank, folder in enumerate(folders)
+    ]
+    try:
+        outs = [p.communicate(timeout=300) for p in procs]
+        return [(p.returncode, *out) for p, out in zip(procs, outs, strict=True)]
+    finally:
+        for p in procs:
+            p.kill()
+
+
+def _listing(folder) -> list[str]:
+    return sorted(p.name for p in (folder / "ck").iterdir())
+
+
+@pytest.mark.slow
+def test_a_process_that_cannot_read_the_chosen_step_stops_the_job(steps_2_and_4, tmp_path, env):
+    """Rank 0 (in A/) reads step 4 whole; rank 1 (in B/, whose copy is truncated) cannot.
+    Orbax does not mind that the processes' relative `ck` are different folders, and that is
+    what makes exactly one of them fail. Rank 1 must not fall back to step 2 on its own (the
+    two would train different states): the job stops, one line each, no folder renamed."""
+    ckpt_dir, data = steps_2_and_4
+    folders = _copies(ckpt_dir, tmp_path, corrupt_in="B")
+    before = [_listing(f) for f in folders]
+    (rc0, _, err0), (rc1, _, err1) = _two_processes_in(
+        folders, [*AGREE, "--steps", "6", *data, "--resume"], env
+    )
+    assert (rc0, rc1) == (2, 2), err0[-2000:] + err1[-2000:]
+    assert err0.strip().splitlines() == [
+        "spmd: error: process 1 could not restore checkpoint step 4 in ck (its own line says "
+        "why); every process must restore the same step, so the job stops; every checkpoint "
+        "folder was left as it was"
+    ]
+    [line] = err1.strip().splitlines()
+    assert "this process cannot read checkpoint step 4 in ck (reading it failed: " in line
+    assert "but process 0 restored it" in line
+    assert [_listing(f) for f in folders] == before == [["2", "4"], ["2", "4"]]
+
+
+@pytest.mark.slow
+def test_when_process_0_cannot_read_a_step_every_process_falls_back(steps_2_and_4, tmp_path, env):
+    """The mirror case: rank 0 finds step 4 corrupt, so the job falls back to step 2, and
+    rank 1, which could read step 4, restores step 2 with it."""
+    ckpt_dir, data = steps_2_and_4
+    folders = _copies(ckpt_dir, tmp_path, corrupt_in="A")
+    (rc0, out0, err0), (rc1, _, err1) = _two_processes_in(
+        folders, [*AGREE, "--steps", "2", *data, "--resume"], env
+    )
+    assert (rc0, rc1) == (0, 0), err0[-2000:] + err1[-2000:]
+    [warning] = err0.strip().splitlines()
+    assert "step 4 in ck is not valid" in warning and "falling back to step 2" in warning
+    assert err1.strip() == ""
+    assert "resumed from ck step 2" in out0
+    assert _listing(folders[0]) == ["2", "4.invalid"]  # process 0 sets aside, in its folder

@@ -5,6 +5,7 @@ first run of each program pays for compiling it.
 """
 
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -276,3 +277,88 @@ def test_resume_refuses_a_different_batch(run_a, env, data):
         expect=2,
     )
     assert "batch=16" in out.stderr and len(out.stderr.strip().splitlines()) == 1
+
+
+@pytest.fixture(scope="module")
+def run_many(tmp_path_factory, env, data):
+    """18 steps with a checkpoint every 2, all kept: many steps to fall back through."""
+    root = tmp_path_factory.mktemp("many")
+    args = ["--mesh", "fsdp=8", "--steps", "18", "--ckpt-every", "2", "--keep", "9"]
+    train(env, *base_args(data, *args, "--ckpt-dir", str(root / "ck"),
+                          "--metrics-file", str(root / "m.jsonl")))  # fmt: skip
+    return root, args, rows_of(root / "m.jsonl")
+
+
+def test_falling_back_through_corrupt_optimizer_states_is_one_line_each(
+    run_many, tmp_path, env, data
+):
+    """Each failed restore abandons orbax's other reads in flight; their aftermath (asyncio
+    'Event loop is closed' tracebacks, TensorStore specs) used to print thousands of lines.
+    Eight corrupt steps in a row made it show on every try; now each is one warning."""
+    root, args, reference = run_many
+    ck = shutil.copytree(root / "ck", tmp_path / "ck")
+    corrupt = [4, 6, 8, 10, 12, 14, 16, 18]
+    for step in corrupt:
+        files = [f for f in (ck / str(step) / "opt_state").rglob("*") if f.is_file()]
+        victim = max(files, key=lambda f: f.stat().st_size)
+        victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
+    out = train(env, *base_args(data, *args, "--ckpt-dir", str(ck), "--resume",
+                                "--metrics-file", str(tmp_path / "m.jsonl")))  # fmt: skip
+    lines = out.stderr.splitlines()
+    assert len(lines) == len(corrupt), out.stderr[-3000:]
+    for line, step in zip(lines, reversed(corrupt), strict=True):
+        assert line.startswith(f"spmd: warning: checkpoint step {step} in ")
+        assert f"set aside as {step}.invalid, falling back to step {step - 2}" in line
+    assert "resumed from" in out.stdout and "step 2 " in out.stdout
+    assert ckpt.all_steps(ck) == list(range(2, 19, 2))  # saved again by the resumed run
+    assert {p.name for p in ck.glob("*.invalid")} == {f"{s}.invalid" for s in corrupt}
+    assert_losses_match(reference, rows_of(tmp_path / "m.jsonl"), range(3, 19), atol=1e-6)
+
+
+def _resume_from_10(source, tmp_path, env, data, cwd=None):
+    """Resume a copy of `source` (run A's checkpoint) from step 10, its later steps removed."""
+    ck = shutil.copytree(source, tmp_path / "ck")
+    shutil.rmtree(ck / "15")
+    shutil.rmtree(ck / "20")
+    metrics = str(tmp_path / "m.jsonl")
+    args = base_args(data, "--mesh", "fsdp=8", "--steps", str(STEPS), "--ckpt-dir", str(ck),
+                     "--ckpt-every", "5", "--metrics-file", metrics, "--resume")  # fmt: skip
+    return run_spmd(*args, env=env, cwd=cwd)
+
+
+def test_resume_accepts_the_same_data_by_a_relative_path(run_a, tmp_path, env, data):
+    """Run A was given --data as an absolute path; the same file by a relative path is the
+    same data, and gives the same batches."""
+    folder, name = os.path.split(data)
+    out = _resume_from_10(run_a[0] / "ck", tmp_path, env, name, cwd=folder)
+    assert out.returncode == 0, out.stderr
+    assert "resumed from" in out.stdout
+    assert_losses_match(run_a[1], rows_of(tmp_path / "m.jsonl"), range(11, STEPS + 1), 1e-6)
+
+
+def test_resume_refuses_the_same_path_with_other_content(tmp_path, env, data):
+    copy = shutil.copy(data, tmp_path / "docs.jsonl")
+    args = base_args(str(copy), "--mesh", "fsdp=8", "--ckpt-dir", str(tmp_path / "ck"),
+                     "--ckpt-every", "2")  # fmt: skip
+    train(env, *args, "--steps", "2")
+    with open(copy, "a") as f:
+        f.write(json.dumps({"text": "one more document"}) + "\n")
+    out = train(env, *args, "--steps", "4", "--resume", expect=2)
+    [line] = out.stderr.strip().splitlines()
+    assert f"the data {copy} (sha256 " in line and "differs from the data of the checkpoint" in line
+    assert ckpt.all_steps(tmp_path / "ck") == [2]
+
+
+def test_a_checkpoint_from_before_fingerprints_still_resumes_by_path(run_a, tmp_path, env, data):
+    """Without a fingerprint in its config, `--data` is compared by its text, as before."""
+    legacy = shutil.copytree(run_a[0] / "ck", tmp_path / "legacy")
+    for config in legacy.glob("*/config/metadata"):
+        saved = json.loads(config.read_text())
+        assert saved.pop("data_sha256") and saved.pop("data_abspath") == data
+        config.write_text(json.dumps(saved))
+    folder, name = os.path.split(data)
+    out = _resume_from_10(legacy, tmp_path / "by-name", env, name, cwd=folder)
+    assert out.returncode == 2 and f"data={name!r} differs from {data!r}" in out.stderr
+    out = _resume_from_10(legacy, tmp_path / "by-path", env, data)
+    assert out.returncode == 0, out.stderr
+    assert_losses_match(run_a[1], rows_of(tmp_path / "by-path" / "m.jsonl"), range(11, 21), 1e-6)

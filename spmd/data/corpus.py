@@ -7,6 +7,8 @@ A corpus is a list of `(name, text)` documents in a stable order.
 from __future__ import annotations
 
 import glob
+import hashlib
+import itertools
 import json
 import os
 import sysconfig
@@ -34,32 +36,51 @@ def load_documents(path: str | None) -> list[Document]:
     """`None` -> the stdlib; else a text file, a folder of text files, a glob, or `.jsonl`."""
     if path is None:
         return stdlib_documents()
-    files = _resolve(path)
+    root, files = _resolve(path)
     docs: list[Document] = []
     for f in files:
-        docs.extend(_jsonl(f) if f.suffix == ".jsonl" else [(str(f), _read(f))])
+        name = f.relative_to(root).as_posix()
+        docs.extend(_jsonl(f, name) if f.suffix == ".jsonl" else [(name, _read(f))])
     docs = [d for d in docs if d[1].strip()]
     if not docs:
         raise SpmdError(f"--data {path} holds no text")
     return docs
 
 
-def _resolve(path: str) -> list[Path]:
-    p = Path(path)
+def fingerprint(docs: list[Document]) -> str:
+    """sha256 over every document's name and text, in order: equal exactly when the batch
+    sequence is (names decide the validation split). About 50 ms for the stdlib's 30 MB."""
+    digest = hashlib.sha256()
+    for doc in docs:
+        for part in doc:
+            data = part.encode("utf-8", "surrogatepass")
+            digest.update(len(data).to_bytes(8, "little"))  # no two splits hash alike
+            digest.update(data)
+    return digest.hexdigest()
+
+
+def _resolve(path: str) -> tuple[Path, list[Path]]:
+    """(root, the files `path` names). Documents are named relative to the root (the file's
+    folder, the folder, or a glob's fixed prefix): names decide the validation split, so
+    they must not depend on how the path was spelled (`data/x` or `/home/me/data/x`) or
+    on where the corpus lives."""
+    p = Path(os.path.abspath(path))
     if p.is_file():
-        return [p]
+        return p.parent, [p]
     if p.is_dir():
         files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix in TEXT_SUFFIXES)
         if not files:
             raise SpmdError(
                 f"--data {path} is a folder with no text files ({', '.join(TEXT_SUFFIXES)})"
             )
-        return files
+        return p, files
     if glob.has_magic(path):
-        files = sorted(Path(f) for f in glob.glob(path, recursive=True) if os.path.isfile(f))
+        found = glob.glob(str(p), recursive=True)
+        files = sorted(Path(f) for f in found if os.path.isfile(f))
         if not files:
             raise SpmdError(f"--data {path} matches no files")
-        return files
+        fixed = itertools.takewhile(lambda part: not glob.has_magic(part), p.parts)
+        return Path(*fixed), files
     raise SpmdError(f"--data {path} does not exist")
 
 
@@ -79,7 +100,7 @@ def _read(path: Path, strict: bool = True) -> str:
         ) from None
 
 
-def _jsonl(path: Path) -> list[Document]:
+def _jsonl(path: Path, name: str) -> list[Document]:
     docs = []
     for i, line in enumerate(_read(path).splitlines(), 1):
         if not line.strip():
@@ -88,7 +109,7 @@ def _jsonl(path: Path) -> list[Document]:
             text = json.loads(line)["text"]
         except (json.JSONDecodeError, KeyError, TypeError):
             raise SpmdError(f"{path}:{i} is not a JSON object with a 'text' field") from None
-        docs.append((f"{path}:{i}", str(text)))
+        docs.append((f"{name}:{i}", str(text)))
     return docs
 
 

@@ -28,7 +28,7 @@ from spmd.distributed import AnyProcess, is_main_process
 from spmd.errors import SpmdError
 from spmd.layout import Layout
 from spmd.rules import Rules
-from spmd.train import monitor
+from spmd.train import monitor, resume
 from spmd.train.config import TrainConfig
 from spmd.train.outputs import check_output_paths
 from spmd.train.state import TrainState
@@ -76,6 +76,7 @@ class Run:
     loader: PackedLoader
     val_loader: PackedLoader | None
     meta: dict
+    data_id: dict = dataclasses.field(default_factory=dict)  # see spmd.train.resume
 
     @property
     def layout(self) -> Layout:
@@ -132,9 +133,9 @@ def setup(cfg: TrainConfig, rules: Rules | None = None) -> Run:
         optimizer=cfg.optimizer(),
     )
     rows = process_rows(program.batch_shardings["inputs"], program.shapes["inputs"])
-    loader, val_loader = _loaders(cfg, tokenizer, rows)
+    loader, val_loader, data_id = _loaders(cfg, tokenizer, rows)
     compiled = program.compile()
-    state, start_step, meta = _initial_state(cfg, program, loader)
+    state, start_step, meta = _initial_state(cfg, program, loader, data_id)
     layout = program.layout
     _log(
         f"model {model.name}: {model.n_params:,} parameters | mesh {layout.spec} on "
@@ -142,7 +143,9 @@ def setup(cfg: TrainConfig, rules: Rules | None = None) -> Run:
         f"compiled in {compiled.compile_s:.1f}s"
     )
     eval_fn = program.eval_loss() if val_loader else None
-    return Run(cfg, program, compiled, eval_fn, state, start_step, loader, val_loader, meta)
+    return Run(
+        cfg, program, compiled, eval_fn, state, start_step, loader, val_loader, meta, data_id
+    )
 
 
 def _check_ckpt_dir(cfg: TrainConfig) -> None:
@@ -168,12 +171,14 @@ def _with_tokenizer_vocab(cfg: TrainConfig, tokenizer) -> TrainConfig:
 
 
 def _loaders(cfg: TrainConfig, tokenizer, rows: range):
-    train_docs, val_docs = corpus.split_documents(corpus.load_documents(cfg.data))
+    docs = corpus.load_documents(cfg.data)
+    data_id = resume.data_identity(cfg.data, docs)
+    train_docs, val_docs = corpus.split_documents(docs)
     loader = PackedLoader(
         tokenize_documents(train_docs, tokenizer), cfg.batch, cfg.seq, cfg.seed, rows
     )
     if not cfg.eval_every:
-        return loader, None
+        return loader, None, data_id
     val_tokens = tokenize_documents(val_docs, tokenizer)
     if len(val_tokens) <= cfg.batch * cfg.seq:
         raise SpmdError(
@@ -181,13 +186,15 @@ def _loaders(cfg: TrainConfig, tokenizer, rows: range):
             f"but the held-out documents of {cfg.data or 'the stdlib'} have {len(val_tokens)}; "
             "give more documents (a folder or a .jsonl) or drop --eval-every"
         )
-    return loader, PackedLoader(val_tokens, cfg.batch, cfg.seq, 0, rows, shuffle=False, prefetch=0)
+    val_loader = PackedLoader(val_tokens, cfg.batch, cfg.seq, 0, rows, shuffle=False, prefetch=0)
+    return loader, val_loader, data_id
 
 
-def _initial_state(cfg: TrainConfig, program: TrainProgram, loader: PackedLoader):
+def _initial_state(cfg: TrainConfig, program: TrainProgram, loader: PackedLoader, data_id):
     """A fresh state, or with --resume the newest valid checkpoint resharded onto the layout."""
     rng = jax.random.key(cfg.seed)
-    found = ckpt.restore_train_state(cfg.ckpt_dir, program.abstract_state) if cfg.resume else None
+    abstract = program.abstract_state
+    found = ckpt.restore_train_state(cfg.ckpt_dir, abstract, set_aside=True) if cfg.resume else None
     if found is None:
         if cfg.resume:
             ckpt.warn(f"--resume: no checkpoint in {cfg.ckpt_dir} yet; starting from step 0")
@@ -195,8 +202,8 @@ def _initial_state(cfg: TrainConfig, program: TrainProgram, loader: PackedLoader
         return program.init_state(init_key), 0, {"rng": _key_to_json(rng)}
     step, state, meta, saved = found
     _check_compatible(cfg, saved, step)
-    for name in ckpt.set_aside_newer(cfg.ckpt_dir, step):
-        ckpt.warn(f"moved the invalid newer step aside to {cfg.ckpt_dir}/{name}")
+    resume.check_same_data(data_id, saved, step)
+    ckpt.set_aside_newer(cfg.ckpt_dir, step)  # the fallback's warnings named the new names
     loader.set_state(meta["loader"])
     _log(f"resumed from {cfg.ckpt_dir} step {step} (saved on mesh {saved['mesh']})")
     return state, step, meta
@@ -205,6 +212,8 @@ def _initial_state(cfg: TrainConfig, program: TrainProgram, loader: PackedLoader
 def _check_compatible(cfg: TrainConfig, saved: dict, step: int) -> None:
     mine = cfg.to_json()
     for name in MUST_MATCH:
+        if name == "data" and not resume.compares_data_by_path(saved):
+            continue  # its content's fingerprint decides, once the data is loaded
         a, b = _canonical(name, mine.get(name)), _canonical(name, saved.get(name))
         if a != b:
             raise SpmdError(
@@ -269,7 +278,7 @@ def _save(r: Run, checkpointer, step: int, state) -> float:
     t0 = time.perf_counter()
     layout = r.layout.to_json()
     meta = {"loader": r.loader.get_state(), "rng": r.meta["rng"], "mesh": layout["mesh"]}
-    checkpointer.save(step, state, meta, {**r.cfg.to_json(), **layout})
+    checkpointer.save(step, state, meta, {**r.cfg.to_json(), **layout, **r.data_id})
     return time.perf_counter() - t0
 
 
