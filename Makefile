@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-fast lint train seed compile-time clean bench-ckpt generate bench-inference strategies bench-attention
+.PHONY: install test test-fast lint train seed compile-time clean bench-ckpt generate bench-inference strategies bench-attention bench
 
 install: $(STAMP)
 
@@ -60,3 +60,7 @@ strategies: $(STAMP)
 # Forward + backward time of each attention implementation on this machine (picks the CPU default).
 bench-attention: $(STAMP)
 	$(PY) -m experiments.attention
+
+# spmd's train step against a careful plain-JAX step: tokens/s, their ratio, peak RSS (one CPU device).
+bench: $(STAMP)
+	$(PY) -m experiments.bench

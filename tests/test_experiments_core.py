@@ -1,5 +1,7 @@
 """The core experiments run, tiny, and show what they claim."""
 
+import pytest
+
 from experiments import compile_time, seed_mirrored
 
 
@@ -27,3 +29,18 @@ def test_attention_benchmark_times_every_cpu_implementation(tmp_path, capsys):
     assert set(result["median_s"]) == {"einsum", "xla", "blocked"}
     assert result["fastest"] in result["median_s"] and out.is_file()
     assert "the fastest" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_bench_measures_spmd_against_plain_jax(tmp_path, capsys):
+    from experiments import bench
+
+    out = tmp_path / "bench.json"
+    tiny = "n_layers=1,d_model=32,n_heads=2,n_kv_heads=2,head_dim=16,d_ff=64"
+    result = bench.main(["--set", tiny, "--batch", "2", "--seq", "16", "--steps", "2",
+                         "--rounds", "1", "--out", str(out)])  # fmt: skip
+    assert set(result["tokens_per_s"]) == {"spmd", "plain"}
+    assert all(v > 0 for v in result["tokens_per_s"].values())
+    assert all(v > 0 for v in result["peak_rss_mb"].values())
+    assert result["ratio"] == result["tokens_per_s"]["spmd"] / result["tokens_per_s"]["plain"]
+    assert "spmd / plain JAX" in capsys.readouterr().out

@@ -1,0 +1,144 @@
+"""Steady-state training throughput: spmd's compiled step against a careful plain-JAX step.
+
+Both train the same llama-style model on the same batch on one device (spmd through
+`TrainProgram`, exactly what `spmd train` compiles; the baseline in
+experiments/baselines/plain_jax.py). Each measurement is a fresh process (so its peak RSS
+is its own): it compiles, warms up, then times `--steps` steps, blocking once at the end.
+Rounds alternate spmd, plain, spmd, plain, ... so load from other jobs hits both alike; the
+medians and their ratio are printed and written to experiments/results/bench.json.
+
+Run: `make bench` (or `python -m experiments.bench`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).parent / "results" / "bench.json"
+# The CPU comparison of the speed issue: d_model 256, 4 heads x 64, 4 layers, d_ff 1024.
+CPU_CASE = "d_model=256,n_layers=4,n_heads=4,n_kv_heads=4,head_dim=64,d_ff=1024,vocab_size=384"
+
+
+def worker(program: str, model_name: str, overrides: str, batch: int, seq: int, steps: int):
+    """One measurement, in this process: prints one JSON line."""
+    import jax
+    import numpy as np
+
+    from spmd.models import get_model, parse_overrides
+
+    cfg = get_model(model_name, parse_overrides(overrides)).cfg
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, cfg.vocab_size, (batch, seq + 1)).astype(np.int32)
+    inputs, targets = tokens[:, :-1], tokens[:, 1:]
+    run = _spmd_runner if program == "spmd" else _plain_runner
+    step = run(model_name, overrides, cfg, batch, seq, inputs, targets)
+    for _ in range(2):
+        jax.block_until_ready(step())
+    t0 = time.perf_counter()
+    for _ in range(steps - 1):
+        step()
+    jax.block_until_ready(step())
+    seconds = (time.perf_counter() - t0) / steps
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({"program": program, "tokens_per_s": batch * seq / seconds,
+                      "step_s": seconds, "peak_rss_mb": rss}))  # fmt: skip
+
+
+def _spmd_runner(model_name, overrides, cfg, batch, seq, inputs, targets):
+    import jax
+
+    import spmd
+    from spmd.compiler.program import TrainProgram
+    from spmd.models import get_model, parse_overrides
+
+    model = get_model(model_name, parse_overrides(overrides))
+    layout = spmd.Layout.make("data=1", devices=jax.devices()[:1])
+    program = TrainProgram.for_tokens(model, layout, batch, seq)
+    compiled = program.compile()
+    batch_arrays = {"inputs": inputs, "targets": targets}
+    batch_arrays = {
+        k: jax.device_put(v, program.batch_shardings[k]) for k, v in batch_arrays.items()
+    }
+    state = [program.init_state(jax.random.key(0))]
+
+    def step():
+        state[0], metrics = compiled(state[0], batch_arrays)
+        return metrics["loss"]
+
+    return step
+
+
+def _plain_runner(model_name, overrides, cfg, batch, seq, inputs, targets):
+    import jax
+
+    from experiments.baselines import plain_jax
+
+    init, train_step = plain_jax.make_step(cfg)
+    state = [init(jax.random.key(0))]
+    inputs, targets = jax.device_put(inputs), jax.device_put(targets)
+
+    def step():
+        state[0], loss = train_step(state[0], inputs, targets)
+        return loss
+
+    return step
+
+
+def measure(program, model, overrides, batch, seq, steps) -> dict:
+    argv = [sys.executable, "-m", "experiments.bench", "--worker", program, "--model", model,
+            "--set", overrides, "--batch", str(batch), "--seq", str(seq),
+            "--steps", str(steps)]  # fmt: skip
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=1800)
+    if done.returncode:
+        raise RuntimeError(f"{program} worker failed:\n{done.stderr[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="gpt-tiny")
+    p.add_argument("--set", default=CPU_CASE, help="model overrides, k=v,...")
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--seq", type=int, default=128)
+    p.add_argument("--steps", type=int, default=10, help="timed steps per measurement")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--out", default=str(RESULTS))
+    p.add_argument("--worker", choices=["spmd", "plain"], help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.worker:
+        worker(args.worker, args.model, args.set, args.batch, args.seq, args.steps)
+        return {}
+    runs = {"spmd": [], "plain": []}
+    for _ in range(args.rounds):
+        for program in runs:
+            runs[program].append(
+                measure(program, args.model, args.set, args.batch, args.seq, args.steps)
+            )
+    result = _summary(args, runs)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=1))
+    return result
+
+
+def _summary(args, runs) -> dict:
+    med = {k: statistics.median(r["tokens_per_s"] for r in v) for k, v in runs.items()}
+    rss = {k: max(r["peak_rss_mb"] for r in v) for k, v in runs.items()}
+    print(f"{args.model} ({args.set}), batch {args.batch}x{args.seq}, one device, "
+          f"median of {args.rounds} alternating rounds of {args.steps} steps:")  # fmt: skip
+    for k in runs:
+        print(f"  {k:6s} {med[k]:9,.0f} tokens/s   peak RSS {rss[k]:7,.0f} MB")
+    ratio = med["spmd"] / med["plain"]
+    print(f"  spmd / plain JAX: {ratio:.2f}x")
+    return {"config": vars(args), "tokens_per_s": med, "peak_rss_mb": rss, "ratio": ratio,
+            "runs": runs}  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
