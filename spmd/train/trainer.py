@@ -29,6 +29,7 @@ from spmd.mesh import make_mesh
 from spmd.models import Model, get_model
 from spmd.rules import Rules, sharding_context
 from spmd.train import monitor, optim
+from spmd.train.lock import RunLock
 from spmd.train.state import TrainState, abstract_state, init_state
 from spmd.train.step import batch_shardings, compile_step
 from spmd.train.stop import StopFlag
@@ -140,6 +141,11 @@ class Run:
 
 def run(cfg: TrainConfig, rules: Rules | None = None, argv: list[str] | None = None) -> dict:
     """Train; returns the summary. `argv` (the CLI's) lets a stop say how to resume."""
+    with RunLock(cfg.ckpt_dir):  # one run per --ckpt-dir, refused before compiling anything
+        return _train(cfg, rules, argv)
+
+
+def _train(cfg: TrainConfig, rules: Rules | None, argv: list[str] | None) -> dict:
     r = setup(cfg, rules)
     tokens = r.cfg.batch * r.cfg.seq
     mon = monitor.Monitor(
