@@ -162,14 +162,14 @@ def _train(cfg: TrainConfig, rules: Rules | None, argv: list[str] | None) -> dic
         else None
     )
     stop = StopFlag()
-    try:
-        with stop:
+    with stop:  # until the last save is written: a second SIGTERM must not cut it short
+        try:
             last_step = _loop(r, mon, checkpointer, stop)
-    finally:
-        mon.close()
-        if checkpointer:
-            checkpointer.wait()  # an error above must not leave a save half-written
-            checkpointer.close()
+        finally:
+            mon.close()
+            if checkpointer:
+                stop.saving = checkpointer.in_flight
+                checkpointer.close()  # waits: an error above must not leave a save half-written
     if r.cfg.plot:
         mon.plot(r.cfg.plot)
     summary = _summary(r, mon.rows, last_step, stop.signal)
