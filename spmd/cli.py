@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
-from spmd.errors import SpmdError
+from spmd.errors import SaveFailed, SpmdError
 
 # name -> module; modules are imported when the parser is built, JAX's backend is not.
 COMMANDS = {
@@ -69,10 +70,19 @@ def main(argv: list[str] | None = None) -> int:
     except SpmdError as e:
         msg = str(e)
         print(msg if msg.startswith("spmd") else f"spmd: error: {msg}", file=sys.stderr)
+        if isinstance(e, SaveFailed):
+            _exit_now(2)
         return 2
     except KeyboardInterrupt:
         print("spmd: interrupted", file=sys.stderr)
         return 130
+
+
+def _exit_now(status: int) -> None:
+    """Exit without joining orbax's stuck threads; the run's own files are closed by now."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
 
 
 if __name__ == "__main__":

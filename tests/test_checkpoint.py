@@ -15,6 +15,8 @@ from conftest import spmd_env
 from spmd import checkpoint as ckpt
 from spmd import cli
 from spmd import params as param_lib
+from spmd.checkpoint import restore as ckpt_restore
+from spmd.checkpoint import verify as ckpt_verify
 from spmd.errors import SpmdError
 from spmd.layout import Layout
 from spmd.models import get_model
@@ -213,8 +215,8 @@ def test_info_verify_that_cannot_read_says_so_and_marks_nothing_invalid(
             raise kind(errno.ENOMEM if kind is MemoryError else errno.EACCES, "no luck")
         return original(item_dir)
 
-    original = ckpt._read_every_array
-    monkeypatch.setattr(ckpt, "_read_every_array", read)
+    original = ckpt_verify.read_every_array
+    monkeypatch.setattr(ckpt_verify, "read_every_array", read)
     rows = _info(directory, "--verify")
     assert [rows[s]["problem"] for s in (1, 2, 3)] == [None, None, None]
     assert rows[3]["unverified"].startswith("out of memory" if kind is MemoryError else "perm")
@@ -269,14 +271,14 @@ CORRUPTION = {
 
 
 def _fail_step_3(monkeypatch, error):
-    original = ckpt._restore_items
+    original = ckpt_restore.restore_items
 
     def restore(ckpt_dir, step, **targets):
         if step == 3:
             raise error
         return original(ckpt_dir, step, **targets)
 
-    monkeypatch.setattr(ckpt, "_restore_items", restore)
+    monkeypatch.setattr(ckpt_restore, "restore_items", restore)
 
 
 @pytest.mark.parametrize("name", NOT_CORRUPTION)

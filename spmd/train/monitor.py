@@ -8,9 +8,12 @@ the model FLOPs of `cost.model_flops_per_step`, against the same hardware profil
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import shlex
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -133,11 +136,35 @@ def _earlier_rows(path: str | None, start_step: int) -> list[dict]:
 
 
 def _rewrite(path: str, rows: list[dict]):
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    sink = open(path, "w")
-    sink.writelines(json.dumps(r) + "\n" for r in rows)
-    sink.flush()
-    return sink
+    """The file holding exactly `rows`, open for appending. The rows go to a temporary file
+    that replaces the old one only once it is on disk, so a kill or a failure at any moment
+    leaves the old file or the new one whole, never a truncated one."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+            f.flush()
+            os.fchmod(f.fileno(), 0o644)  # mkstemp's 0600 would hide the metrics from others
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    _fsync_folder(target.parent)
+    return open(target, "a")
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Make the rename itself durable (POSIX keeps it in the folder's entry, not the file)."""
+    with contextlib.suppress(OSError):  # some filesystems refuse to open a folder
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def plot_losses(rows: list[dict], path: str) -> None:

@@ -30,6 +30,7 @@ from spmd.layout import Layout
 from spmd.rules import Rules
 from spmd.train import monitor, resume
 from spmd.train.config import TrainConfig
+from spmd.train.lock import RunLock
 from spmd.train.outputs import check_output_paths
 from spmd.train.state import TrainState
 from spmd.train.stop import StopFlag
@@ -85,6 +86,11 @@ class Run:
 
 def run(cfg: TrainConfig, rules: Rules | None = None, argv: list[str] | None = None) -> dict:
     """Train; returns the summary. `argv` (the CLI's) lets a stop say how to resume."""
+    with RunLock(cfg.ckpt_dir):  # one run per --ckpt-dir, refused before compiling anything
+        return _train(cfg, rules, argv)
+
+
+def _train(cfg: TrainConfig, rules: Rules | None, argv: list[str] | None) -> dict:
     r = setup(cfg, rules)
     tokens = r.cfg.batch * r.cfg.seq
     mon = monitor.Monitor(
@@ -102,14 +108,14 @@ def run(cfg: TrainConfig, rules: Rules | None = None, argv: list[str] | None = N
         else None
     )
     stop = StopFlag()
-    try:
-        with stop:
+    with stop:  # until the last save is written: a second SIGTERM must not cut it short
+        try:
             last_step = _loop(r, mon, checkpointer, stop)
-    finally:
-        mon.close()
-        if checkpointer:
-            checkpointer.wait()  # an error above must not leave a save half-written
-            checkpointer.close()
+        finally:
+            mon.close()
+            if checkpointer:
+                stop.saving = checkpointer.in_flight
+                checkpointer.close()  # waits: an error above must not leave a save half-written
     if r.cfg.plot:
         mon.plot(r.cfg.plot)
     summary = _summary(r, mon.rows, last_step, stop.signal)
