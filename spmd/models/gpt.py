@@ -18,6 +18,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from spmd.errors import SpmdError
 from spmd.models.attention import IMPLEMENTATIONS as ATTENTION
@@ -26,7 +27,13 @@ from spmd.models.loss import cross_entropy
 from spmd.params import ParamSpec, normal, ones
 from spmd.rules import ROWS, constrain
 
-REMAT_POLICIES = ("none", "full", "dots")
+# none: keep every activation; full: recompute each layer; dots: keep the matmul outputs;
+# attention: keep only the named attention activations (the projected q, k, v and the
+# attention output), so the backward pass recomputes the MLP and the norms but not the
+# attention, the costliest part to redo at long sequences (MaxText's "save_qkv_proj" and
+# "save_out_proj" policies together).
+REMAT_POLICIES = ("none", "full", "dots", "attention")
+SAVED_BY_ATTENTION_POLICY = ("qkv", "attention_out")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
@@ -147,7 +154,7 @@ def qkv(x_btd, p, cos, sin, cfg: GPTConfig):
     q = constrain(apply_rope(q, cos, sin), ("batch", "length", "heads", None))
     k = constrain(apply_rope(k, cos, sin), ("batch", "length", "kv_heads", None))
     v = constrain(v, ("batch", "length", "kv_heads", None))
-    return q, k, v
+    return tuple(checkpoint_name(x, "qkv") for x in (q, k, v))
 
 
 def attn_out(o_bthk, p, cfg: GPTConfig):
@@ -171,7 +178,8 @@ def block(x_btd, p, cos, sin, cfg: GPTConfig):
     with jax.named_scope("attention"):
         h = rms_norm(x_btd, p["attn_norm"], cfg.norm_eps)
         q, k, v = qkv(h, p, cos, sin, cfg)
-        x_btd = x_btd + attn_out(causal_attention(q, k, v, cfg.attention), p, cfg)
+        o = checkpoint_name(causal_attention(q, k, v, cfg.attention), "attention_out")
+        x_btd = x_btd + attn_out(o, p, cfg)
     with jax.named_scope("mlp"):
         h = rms_norm(x_btd, p["mlp_norm"], cfg.norm_eps)
         x_btd = x_btd + mlp(h, p, cfg)
@@ -184,6 +192,7 @@ def _remat(fn, policy: str):
     saveable = {
         "full": jax.checkpoint_policies.nothing_saveable,
         "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+        "attention": jax.checkpoint_policies.save_only_these_names(*SAVED_BY_ATTENTION_POLICY),
     }[policy]
     return jax.checkpoint(fn, policy=saveable, prevent_cse=False)
 
