@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-fast lint train seed compile-time clean bench-ckpt generate bench-inference strategies bench-attention bench
+.PHONY: install test test-fast lint train seed compile-time clean bench-ckpt generate bench-inference strategies bench-attention bench bench-gpu
 
 install: $(STAMP)
 
@@ -64,3 +64,10 @@ bench-attention: $(STAMP)
 # spmd's train step against a careful plain-JAX step: tokens/s, their ratio, peak RSS (one CPU device).
 bench: $(STAMP)
 	$(PY) -m experiments.bench
+
+# The GPU table (gpt-1b and the Llama-7B shape at 8 layers, remat dots/none, bf16, seq 2048) on
+# one accelerator: measured step, TFLOP/s, MFU and peak memory beside the compiler's prediction.
+# Writes experiments/results/gpu.jsonl and gpu.md. No $(STAMP): a GPU machine may have no network,
+# so this uses .venv if there is one, else $(PYTHON), which needs JAX with CUDA, flax and optax.
+bench-gpu:
+	$(if $(wildcard $(PY)),$(PY),$(PYTHON)) -m experiments.gpu
