@@ -71,6 +71,12 @@ GPU_CASES = (
     Case("gpt-1b-b8-none", "gpt-1b", (), 8, 2048, "none", "bfloat16"),
     Case("llama-7b-8l-b8-dots", "llama-7b", (("n_layers", 8),), 8, 2048, "dots", "bfloat16"),
     Case("llama-7b-8l-b8-none", "llama-7b", (("n_layers", 8),), 8, 2048, "none", "bfloat16"),
+    # The baseline, attention materialized as before the attention entry point, and
+    # the remat policy that keeps only the attention activations.
+    Case(
+        "gpt-1b-b16-dots-einsum", "gpt-1b", (("attention", "einsum"),), 16, 2048, "dots", "bfloat16"
+    ),
+    Case("gpt-1b-b8-attention", "gpt-1b", (), 8, 2048, "attention", "bfloat16"),
 )
 # Seconds on a CPU: the same code path as the GPU cases, for the tests.
 TINY = (("n_layers", 2),)

@@ -90,7 +90,10 @@ def test_default_cases_are_the_issues_table():
         ("gpt-1b", 8, 2048, "none", "bfloat16"),
         ("llama-7b", 8, 2048, "dots", "bfloat16"),
         ("llama-7b", 8, 2048, "none", "bfloat16"),
+        ("gpt-1b", 16, 2048, "dots", "bfloat16"),
+        ("gpt-1b", 8, 2048, "attention", "bfloat16"),
     ]
     assert dict(cases[2].overrides) == {"n_layers": 8}
+    assert dict(cases[4].overrides) == {"attention": "einsum"}  # the issue's baseline
     with pytest.raises(SystemExit, match="unknown case 'nope'"):
         gpu.select(gpu.parse_args(["--cases", "nope"]))
