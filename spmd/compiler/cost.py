@@ -20,12 +20,13 @@ The one FLOPs convention (used by `spmd explain`, `spmd plan` and every MFU in s
     count) but never the model FLOPs, so MFU is always model FLOPs over peak.
 
 Step-time prediction (a roofline with communication on top):
-    compute   = HLO FLOPs / peak FLOP/s (bf16 for accelerators: see `dtype_warning`), or
-                for the `cpu` profile (float32) the roofline
-                max(HLO FLOPs / peak, HLO bytes / memory bandwidth). The bytes are those of
-                the XLA:CPU program spmd compiles; XLA:GPU and XLA:TPU fuse far more, so for
-                accelerators the memory time is only reported (`memory_s`), never added.
-                Simulated CPU devices share one host's cores and memory, so for `cpu` each
+    compute   = for accelerators (bf16 peak: see `dtype_warning`), `Kernels`: GEMM FLOPs at
+                peak x matmul_efficiency + flash-attention FLOPs at peak x
+                attention_efficiency + modelled elementwise HBM traffic / bandwidth
+                (`transformer_kernels`; each factor's source is by the profiles). The
+                XLA:CPU program's own bytes are only reported (`memory_s`): XLA:GPU/TPU fuse
+                far more. For the `cpu` profile (float32) the roofline
+                max(HLO FLOPs / peak, HLO bytes / memory bandwidth). Simulated CPU devices share one host's cores and memory, so for `cpu` each
                 device gets 1/N of the host's FLOP/s and bandwidth: the prediction is then
                 the wall time of the simulation.
     each collective costs its ring time on the link it uses: the fast link (NVLink, ICI)
@@ -35,8 +36,7 @@ Step-time prediction (a roofline with communication on top):
     that crosses `tensor`, `sequence`, `expert` or `stage` sits on the critical path.
     step = compute + blocking comm + max(0, overlappable comm - compute)
     MFU = model FLOPs per step / (step * peak * devices)
-It is an upper bound on speed: kernels do not run at peak, and XLA:CPU's program (which
-this reads) fuses less than XLA:GPU's.
+`mfu_at_peak` keeps the old roofline bound (every FLOP at peak, no elementwise time).
 """
 
 from __future__ import annotations
