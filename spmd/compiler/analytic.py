@@ -59,9 +59,12 @@ def analytic_estimate(model: Model, c: Candidate, batch: int, seq: int, hw, dtyp
     comm = _analytic_comm(model, s, c, n, cb, params, gathered, rules)
     recompute = {"none": 1.0, "dots": 1.05, "full": 4 / 3}[c.remat]
     flops = cost.model_flops_per_step(model, batch, seq, causal=False) * recompute / _n(s)
-    pred = cost.predict(
-        hw, flops, traffic, comm, cost.model_flops_per_step(model, batch, seq), batch * seq, _n(s)
-    )
+    kernels = None
+    if not hw.memory_in_roofline:
+        tokens = batch * seq / (shards * s["sequence"] * s["stage"])
+        kernels = cost.transformer_kernels(model.cfg, hw, tokens, seq, s["tensor"], flops)
+    model_flops = cost.model_flops_per_step(model, batch, seq)
+    pred = cost.predict(hw, flops, traffic, comm, model_flops, batch * seq, _n(s), kernels)
     return memory, pred
 
 
@@ -116,11 +119,14 @@ def _analytic_comm(model, s, c, n, cb, params, gathered, rules) -> list[cost.Com
 
     # FSDP: each layer weight is gathered for the forward pass and again for the backward
     # pass; each layer's gradients are reduce-scattered in one combined op, per microbatch.
-    per_weight = gathered / L / max(layer_weights, 1)
+    # Both move the compute dtype: the weights are cast before the gather and the gradients
+    # come back through the cast (spmd.models.gpt.in_compute_dtype); `gathered` is float32.
+    wire = gathered * cb / 4
+    per_weight = wire / L / max(layer_weights, 1)
     add("all-gather", per_weight, 2 * L * layer_weights * ga, ("fsdp",))
-    add("reduce-scatter", gathered / L, L * ga, ("fsdp",))
+    add("reduce-scatter", wire / L, L * ga, ("fsdp",))
     # Data parallel: all-reduce the (FSDP/TP-sharded) gradients of each layer.
-    add("all-reduce", params / L, L * ga, ("data",))
+    add("all-reduce", params * cb / 4 / L, L * ga, ("data",))  # through the cast too
     # Tensor parallel: two activation all-reduces per layer forward, two backward (and the
     # forward's again when it is recomputed).
     add("all-reduce", n * d * cb, (6 if c.remat == "full" else 4) * L * ga, ("tensor",))

@@ -20,12 +20,13 @@ The one FLOPs convention (used by `spmd explain`, `spmd plan` and every MFU in s
     count) but never the model FLOPs, so MFU is always model FLOPs over peak.
 
 Step-time prediction (a roofline with communication on top):
-    compute   = HLO FLOPs / peak FLOP/s (bf16 for accelerators: see `dtype_warning`), or
-                for the `cpu` profile (float32) the roofline
-                max(HLO FLOPs / peak, HLO bytes / memory bandwidth). The bytes are those of
-                the XLA:CPU program spmd compiles; XLA:GPU and XLA:TPU fuse far more, so for
-                accelerators the memory time is only reported (`memory_s`), never added.
-                Simulated CPU devices share one host's cores and memory, so for `cpu` each
+    compute   = for accelerators (bf16 peak: see `dtype_warning`), `Kernels`: GEMM FLOPs at
+                peak x matmul_efficiency + flash-attention FLOPs at peak x
+                attention_efficiency + modelled elementwise HBM traffic / bandwidth
+                (`transformer_kernels`; each factor's source is by the profiles). The
+                XLA:CPU program's own bytes are only reported (`memory_s`): XLA:GPU/TPU fuse
+                far more. For the `cpu` profile (float32) the roofline
+                max(HLO FLOPs / peak, HLO bytes / memory bandwidth). Simulated CPU devices share one host's cores and memory, so for `cpu` each
                 device gets 1/N of the host's FLOP/s and bandwidth: the prediction is then
                 the wall time of the simulation.
     each collective costs its ring time on the link it uses: the fast link (NVLink, ICI)
@@ -35,13 +36,13 @@ Step-time prediction (a roofline with communication on top):
     that crosses `tensor`, `sequence`, `expert` or `stage` sits on the critical path.
     step = compute + blocking comm + max(0, overlappable comm - compute)
     MFU = model FLOPs per step / (step * peak * devices)
-It is an upper bound on speed: kernels do not run at peak, and XLA:CPU's program (which
-this reads) fuses less than XLA:GPU's.
+`mfu_at_peak` keeps the old roofline bound (every FLOP at peak, no elementwise time).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Iterable, Sequence
 
 from spmd.errors import SpmdError
@@ -66,6 +67,9 @@ class Hardware:
     shared_host: bool = False  # all devices share the peak and bandwidth (simulated devices)
     usable_memory: float = 0.9  # fraction of memory a step may use (runtime, fragmentation)
     peak_dtype: str = "bfloat16"  # the compute dtype that `peak_flops` was measured in
+    matmul_efficiency: float = 1.0  # achieved fraction of peak for large GEMMs (sources below)
+    attention_efficiency: float = 1.0  # the same for a fused flash-attention kernel, fwd + bwd
+    flash_attention: bool = False  # `--attention auto` picks a fused flash kernel (cuDNN) here
 
     @property
     def capacity_bytes(self) -> float:
@@ -96,7 +100,19 @@ class Hardware:
 #        ~5.7 ms, wall time). Simulated devices share the host's cores and memory, so each
 #        gets 1/N of its FLOP/s and bandwidth (`shared_host`), and predictions are the
 #        simulation's wall time.
+# Achieved efficiency (the prediction's compute runs at peak x efficiency):
+#  matmul, h100/h200: 0.84, measured by the speed issue's author on an H200: one large bf16
+#        matmul at 832 TFLOP/s of 989 (H100 and H200 share the same compute die).
+#  matmul, a100: 0.80, an estimate (not measured here) of the order public cuBLAS GEMM
+#        benchmarks report for large bf16 GEMMs on A100 SXM.
+#  matmul, TPUs: 0.85, an estimate (not measured here): large bf16 matmuls on the MXU run
+#        close to peak (JAX scaling book, "How to Scale Your Model", rooflines chapter).
+#  attention, GPUs: 0.5 for a fused flash kernel, forward and backward together:
+#        FlashAttention-2 (Dao, 2023) reaches 50-73% of A100 peak forward and less backward;
+#        FlashAttention-3 (Shah et al., 2024) measures FA2-class kernels at ~35% on H100 and
+#        its own at up to 75% forward. cuDNN's kernel (what spmd uses) lies in that range.
 # For TPUs a "node" is the ICI domain (the pod): any axis inside a pod uses ICI.
+_GPU = {"attention_efficiency": 0.5, "flash_attention": True}
 HARDWARE: dict[str, Hardware] = {
     h.name: h
     for h in (
@@ -104,17 +120,17 @@ HARDWARE: dict[str, Hardware] = {
                  8 * GB, 1 * GB, 1 * GB, 1024, 30e-6, 30e-6, overlaps_comm=False,
                  memory_in_roofline=True, shared_host=True, peak_dtype="float32"),
         Hardware("a100", "NVIDIA A100 SXM4 80GB", 312e12, 80 * GB, 2039 * GB,
-                 300 * GB, 25 * GB, 8),
+                 300 * GB, 25 * GB, 8, **_GPU, matmul_efficiency=0.80),
         Hardware("h100", "NVIDIA H100 SXM5 80GB", 989e12, 80 * GB, 3350 * GB,
-                 450 * GB, 50 * GB, 8),
+                 450 * GB, 50 * GB, 8, **_GPU, matmul_efficiency=0.84),
         Hardware("h200", "NVIDIA H200 SXM 141GB", 989e12, 141 * GB, 4800 * GB,
-                 450 * GB, 50 * GB, 8),
+                 450 * GB, 50 * GB, 8, **_GPU, matmul_efficiency=0.84),
         Hardware("tpu-v4", "Cloud TPU v4", 275e12, 32 * 2**30, 1200 * GB,
-                 270 * GB, 3.1 * GB, 4096),
+                 270 * GB, 3.1 * GB, 4096, matmul_efficiency=0.85),
         Hardware("tpu-v5e", "Cloud TPU v5e", 197e12, 16 * GB, 819 * GB,
-                 200 * GB, 3.1 * GB, 256),
+                 200 * GB, 3.1 * GB, 256, matmul_efficiency=0.85),
         Hardware("tpu-v5p", "Cloud TPU v5p", 459e12, 95 * GB, 2765 * GB,
-                 600 * GB, 6.25 * GB, 8960),
+                 600 * GB, 6.25 * GB, 8960, matmul_efficiency=0.85),
     )
 }  # fmt: skip
 
@@ -198,7 +214,14 @@ def within_node(group: Sequence[int], devices_per_node: int) -> bool:
 def collective_time(kind, nbytes, group_size, group, hw: Hardware) -> float:
     intra = within_node(group, hw.devices_per_node)
     bw, lat = (hw.intra_bw, hw.intra_latency_s) if intra else (hw.inter_bw, hw.inter_latency_s)
-    return ring_time(kind, nbytes, group_size, bw, lat)
+    ring = ring_time(kind, nbytes, group_size, bw, lat)
+    if kind != "all-reduce" or group_size <= 2:
+        return ring
+    # NCCL switches small all-reduces to double binary trees, whose latency grows as
+    # log2(n), not n, at the same bandwidth ("Massively Scale Your Deep Learning Training
+    # with NCCL 2.4", NVIDIA blog, 2019): a small all-reduce costs 2 log2(n) latencies.
+    tree = ring - 2 * (group_size - 1) * lat + 2 * math.ceil(math.log2(group_size)) * lat
+    return min(ring, tree)
 
 
 def overlappable(axes: Iterable[str]) -> bool:
@@ -223,9 +246,18 @@ class CommItem:
 
 
 @dataclasses.dataclass(frozen=True)
+class Kernels:
+    """A step's compute on an accelerator, per device, split by what limits each part."""
+
+    matmul_flops: float  # GEMMs: at peak x matmul_efficiency
+    attention_flops: float  # a fused flash-attention kernel: at peak x attention_efficiency
+    memory_bytes: float  # elementwise work (norms, rotary, SwiGLU, softmax): HBM-bound
+
+
+@dataclasses.dataclass(frozen=True)
 class Prediction:
     compute_s: float
-    flops_s: float
+    flops_s: float  # the step's FLOPs at peak: the roofline's compute
     memory_s: float
     comm_s: float
     blocking_comm_s: float
@@ -233,7 +265,12 @@ class Prediction:
     exposed_comm_s: float
     step_time_s: float
     tokens_per_s: float
-    mfu: float
+    mfu: float  # predicted: kernels at their achieved efficiency, not at peak
+    mfu_at_peak: float  # the roofline bound: every FLOP at peak, no elementwise time
+    matmul_efficiency: float
+    matmul_s: float
+    attention_s: float
+    elementwise_s: float
 
     @property
     def bound(self) -> str:
@@ -251,15 +288,20 @@ def predict(
     model_flops_per_step: float,
     tokens_per_step: float,
     devices: int,
+    kernels: Kernels | None = None,
 ) -> Prediction:
     share = devices if hw.shared_host else 1
     flops_s = flops_per_device * share / hw.peak_flops
     memory_s = bytes_per_device * share / hw.hbm_bw
-    compute = max(flops_s, memory_s) if hw.memory_in_roofline else flops_s
-    blocking = sum(c.time(hw) for c in comm if not (hw.overlaps_comm and overlappable(c.axes)))
-    hidden = sum(c.time(hw) for c in comm if hw.overlaps_comm and overlappable(c.axes))
+    parts = _compute_parts(hw, flops_per_device * share, kernels)
+    compute = max(flops_s, memory_s) if hw.memory_in_roofline else sum(parts)
+    hides = [hw.overlaps_comm and overlappable(c.axes) for c in comm]
+    blocking = sum(c.time(hw) for c, h in zip(comm, hides, strict=True) if not h)
+    hidden = sum(c.time(hw) for c, h in zip(comm, hides, strict=True) if h)
     exposed = blocking + max(0.0, hidden - compute)
     step = max(compute + exposed, 1e-12)
+    at_peak = max(flops_s, memory_s) if hw.memory_in_roofline else flops_s
+    step_at_peak = max(at_peak + blocking + max(0.0, hidden - at_peak), 1e-12)
     return Prediction(
         compute_s=compute,
         flops_s=flops_s,
@@ -271,6 +313,22 @@ def predict(
         step_time_s=step,
         tokens_per_s=tokens_per_step / step,
         mfu=mfu(model_flops_per_step, step, hw, devices),
+        mfu_at_peak=mfu(model_flops_per_step, step_at_peak, hw, devices),
+        matmul_efficiency=hw.matmul_efficiency,
+        matmul_s=parts[0],
+        attention_s=parts[1],
+        elementwise_s=parts[2],
+    )
+
+
+def _compute_parts(hw: Hardware, flops: float, kernels: Kernels | None):
+    """(matmul, attention, elementwise) seconds. Without a kernel split (a model that is not
+    a transformer) every FLOP runs at matmul efficiency and elementwise time is unknown."""
+    k = kernels or Kernels(flops, 0.0, 0.0)
+    return (
+        k.matmul_flops / (hw.peak_flops * hw.matmul_efficiency),
+        k.attention_flops / (hw.peak_flops * hw.attention_efficiency),
+        k.memory_bytes / hw.hbm_bw,
     )
 
 
@@ -304,3 +362,45 @@ def model_flops_per_step(model, batch: int, seq: int, causal: bool = True) -> fl
     if all(hasattr(cfg, a) for a in ("d_model", "n_heads", "n_kv_heads", "head_dim", "d_ff")):
         return batch * seq * model_flops_per_token(cfg, seq, causal)
     return 6.0 * model.n_params * batch  # models without a transformer config: 6 N per example
+
+
+# --- Kernels on an accelerator -------------------------------------------------------------
+
+# Elementwise HBM traffic as XLA:GPU really moves it, over the minimum counted below: fitted
+# to the speed issue's two measured steps of gpt-1b on one H200 (bf16, remat dots, batch
+# 16 x 2048): 45.4% MFU with cuDNN attention, 21.8% with materialized einsum attention.
+# With 2.0 and the efficiencies above the model gives 42.9% and 23.4%.
+ELEMENTWISE_OVERHEAD = 2.0
+_FORWARD_PASSES = {"none": 3, "dots": 4, "full": 4}  # fwd + bwd (2x) + recomputed fwd
+
+
+def uses_flash(cfg, hw: Hardware) -> bool:
+    """Whether `cfg`'s attention runs as a fused flash kernel on `hw` (auto: cuDNN on GPUs)."""
+    impl = getattr(cfg, "attention", "auto")
+    return impl == "cudnn" or (impl == "auto" and hw.flash_attention)
+
+
+def transformer_kernels(cfg, hw: Hardware, tokens, seq, tensor, flops) -> Kernels:
+    """Split one device's step (`tokens` per device of `seq`-long sequences, heads and MLP
+    split `tensor` ways, `flops` as the compiled or analytic program counts them, attention
+    non-causal) into GEMMs, a flash-attention kernel and elementwise traffic."""
+    d, h, g, k, f, v, L = cfg.dims
+    remat = getattr(cfg, "remat", "none")
+    cb = 2 if getattr(cfg, "compute_dtype", "float32") == "bfloat16" else 4
+    full_attention = tokens * 12 * L * h * k * seq / tensor  # what XLA counts (einsum)
+    counted = full_attention * (4 / 3 if remat == "full" else 1)
+    # Per token and layer, the minimum a fused program moves: the norms, residual adds and
+    # rotary read and write d- and (h+g)k-wide rows, SwiGLU reads two f-wide rows and writes
+    # one; tensor parallelism splits only the head- and mlp-wide ones.
+    layer = cb * (20 * d + (4 * (h + g) * k + 6 * f) / tensor) * _FORWARD_PASSES[remat]
+    if uses_flash(cfg, hw):
+        # The kernel skips the masked half; a custom call is not a dot, so remat recomputes it.
+        attention = full_attention / 2 * (4 / 3 if remat != "none" else 1)
+        matmul = max(flops - counted, 0.0)
+    else:
+        # Materialized float32 scores: written, softmaxed, read by PV; ~6 passes backward.
+        layer += 4 * h / tensor * seq * (10 + (2 if remat != "none" else 0))
+        attention, matmul = 0.0, flops
+    logits = 8 * 4 * v / tensor  # float32 logits and softmax, forward and backward
+    memory = tokens * (L * layer + logits) * ELEMENTWISE_OVERHEAD
+    return Kernels(matmul, attention, memory)

@@ -177,13 +177,28 @@ class Report:
     model_flops_per_step: float
     param_rows: list[dict]
     method: str = "compiled"
+    cfg: object = None  # the model's config, for the kernel split (None: not a transformer)
 
     @property
     def comm_items(self) -> list[cost.CommItem]:
         return [
-            cost.CommItem(c.kind, c.bytes, c.count, c.group_size, c.group, c.axes)
+            cost.CommItem(c.kind, c.bytes * self.wire_scale(c), c.count, c.group_size,
+                          c.group, c.axes)
             for c in self.stats.collectives
-        ]
+        ]  # fmt: skip
+
+    def wire_scale(self, c: hlo.Collective) -> float:
+        """Bytes an accelerator moves per byte in the XLA:CPU program. XLA:CPU carries every
+        bfloat16 collective in float32 (every collective of a bf16 gpt-tiny step on
+        fsdp=4,tensor=2 reads `f32` in its HLO). In a bf16 run the layer loop's traffic is
+        bf16 on a GPU or TPU: weights are cast before they are gathered
+        (`spmd.models.gpt.in_compute_dtype`), their gradients come back through the cast, and
+        activations are bf16. So collectives run once per layer or more move half the bytes;
+        the rest (embedding, float32 head, norm scales, the loss) are float32 anyway."""
+        hw, layers = self.hardware, getattr(self.cfg, "n_layers", 0)
+        bf16_on_chip = self.dtype == "bfloat16" and hw.peak_dtype == "bfloat16"
+        in_layer_loop = layers > 1 and c.count >= layers
+        return 0.5 if bf16_on_chip and in_layer_loop else 1.0
 
     @property
     def prediction(self) -> cost.Prediction:
@@ -195,6 +210,19 @@ class Report:
             self.model_flops_per_step,
             self.batch * self.seq,
             self.devices,
+            self.kernels,
+        )
+
+    @property
+    def kernels(self) -> cost.Kernels | None:
+        if not hasattr(self.cfg, "dims") or self.hardware.memory_in_roofline:
+            return None
+        m = self.mesh
+        shards = m["data"] * m["fsdp"] * m["expert"] * m["sequence"] * m["stage"]
+        tokens = self.batch * self.seq / shards
+        flops = self.stats.flops_per_device
+        return cost.transformer_kernels(
+            self.cfg, self.hardware, tokens, self.seq, m["tensor"], flops
         )
 
     @property
@@ -219,7 +247,7 @@ class Report:
                 },
             )
             g["count"] += c.count
-            g["bytes"] += c.total_bytes
+            g["bytes"] += item.count * item.nbytes  # on the wire: bf16 where the chip moves it
             g["time_s"] += item.time(self.hardware)
             g["raw_kinds"].add(c.raw_kind)
         out = sorted(groups.values(), key=lambda g: -g["bytes"])
@@ -298,6 +326,7 @@ def make_report(program: TrainProgram, hw: cost.Hardware, stats: CompiledStats) 
         stats=stats,
         model_flops_per_step=cost.model_flops_per_step(m, batch, seq),
         param_rows=param_rows(m, layout),
+        cfg=m.cfg,
     )
 
 
