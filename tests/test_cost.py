@@ -7,7 +7,7 @@ import pytest
 
 import spmd
 from spmd import params as param_lib
-from spmd.compiler import cost, report
+from spmd.compiler import cost, kernels, report
 from spmd.compiler.program import TrainProgram
 from spmd.errors import SpmdError
 
@@ -79,10 +79,10 @@ def test_kernels_split_attention_and_elementwise_time():
 def test_flash_attention_on_gpus_materialized_scores_elsewhere():
     cfg = spmd.get_model("gpt-1b", {"compute_dtype": "bfloat16", "remat": "dots"}).cfg
     h200, v5p = cost.get_hardware("h200"), cost.get_hardware("tpu-v5p")
-    assert cost.uses_flash(cfg, h200) and not cost.uses_flash(cfg, v5p)
+    assert kernels.uses_flash(cfg, h200) and not kernels.uses_flash(cfg, v5p)
     tokens, seq, flops = 16 * 2048, 2048, 2.2e14
-    flash = cost.transformer_kernels(cfg, h200, tokens, seq, 1, flops)
-    plain = cost.transformer_kernels(cfg, v5p, tokens, seq, 1, flops)
+    flash = kernels.transformer_kernels(cfg, h200, tokens, seq, 1, flops)
+    plain = kernels.transformer_kernels(cfg, v5p, tokens, seq, 1, flops)
     full_attention = tokens * 12 * cfg.n_layers * cfg.n_heads * cfg.head_dim * seq
     # flash skips the masked half and (a custom call, not a dot) is recomputed under dots
     assert flash.attention_flops == pytest.approx(full_attention / 2 * 4 / 3)
@@ -100,7 +100,7 @@ def test_gpt_1b_on_one_h200_near_the_issue_measurements():
     flops = 2.239e14  # XLA's count of the compiled step (`spmd explain --json`)
     for attention, measured in (("auto", 0.454), ("einsum", 0.218)):
         cfg = dataclasses.replace(model.cfg, attention=attention)
-        k = cost.transformer_kernels(cfg, h200, tokens, seq, 1, flops)
+        k = kernels.transformer_kernels(cfg, h200, tokens, seq, 1, flops)
         p = cost.predict(h200, flops, 0, [], model_flops, tokens, 1, k)
         assert p.mfu == pytest.approx(measured, abs=0.03), attention
 

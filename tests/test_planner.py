@@ -153,3 +153,20 @@ def test_analytic_gathers_move_the_compute_dtype():
     bf16 = analytic.analytic_estimate(model16, c, 8, 128, h100, "bfloat16")[1]
     fp32 = analytic.analytic_estimate(model32, c, 8, 128, h100, "float32")[1]
     assert bf16.overlappable_comm_s < 0.6 * fp32.overlappable_comm_s
+
+
+def test_the_analytic_estimate_knows_every_remat_policy():
+    """Each policy the model offers is costed; `attention` keeps more than `full` and less
+    than `none`, and recomputes less than `full`."""
+    from spmd.models import gpt
+
+    h100 = cost.get_hardware("h100")
+    model = spmd.get_model("llama-7b")
+    estimates = {}
+    for remat in gpt.REMAT_POLICIES:
+        c = candidates.Candidate(tuple(sizes("fsdp=8", 8).items()), remat, 1)
+        estimates[remat] = analytic.analytic_estimate(model, c, 8, 4096, h100, "bfloat16")
+    memory = {r: e[0] for r, e in estimates.items()}
+    assert memory["full"] < memory["attention"] < memory["none"]
+    flops = {r: e[1].flops_s for r, e in estimates.items()}
+    assert flops["none"] < flops["attention"] < flops["full"]

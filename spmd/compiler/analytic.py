@@ -14,7 +14,7 @@ import jax
 import numpy as np
 
 from spmd import params as param_lib
-from spmd.compiler import cost
+from spmd.compiler import cost, kernels
 from spmd.compiler.candidates import Candidate
 from spmd.layout import Layout
 from spmd.mesh import MESH_AXES
@@ -57,14 +57,15 @@ def analytic_estimate(model: Model, c: Candidate, batch: int, seq: int, hw, dtyp
     memory += 2 * 4 * batch * seq / shards  # inputs and targets
     traffic = _analytic_bytes(model.cfg, s, c, n, seq, cb, params, gathered)
     comm = _analytic_comm(model, s, c, n, cb, params, gathered, rules)
-    recompute = {"none": 1.0, "dots": 1.05, "full": 4 / 3}[c.remat]
+    # `attention` recomputes the MLP forward, about two thirds of a llama layer's matmuls.
+    recompute = {"none": 1.0, "dots": 1.05, "full": 4 / 3, "attention": 1 + 2 / 9}[c.remat]
     flops = cost.model_flops_per_step(model, batch, seq, causal=False) * recompute / _n(s)
-    kernels = None
+    split = None
     if not hw.memory_in_roofline:
         tokens = batch * seq / (shards * s["sequence"] * s["stage"])
-        kernels = cost.transformer_kernels(model.cfg, hw, tokens, seq, s["tensor"], flops)
+        split = kernels.transformer_kernels(model.cfg, hw, tokens, seq, s["tensor"], flops)
     model_flops = cost.model_flops_per_step(model, batch, seq)
-    pred = cost.predict(hw, flops, traffic, comm, model_flops, batch * seq, _n(s), kernels)
+    pred = cost.predict(hw, flops, traffic, comm, model_flops, batch * seq, _n(s), split)
     return memory, pred
 
 
@@ -79,6 +80,8 @@ def _analytic_memory(cfg, s, remat, n, seq, cb, params, gathered) -> float:
         saved = L * n * d * cb + n * layer
     elif remat == "dots":
         saved = L * n * ((h * k + 2 * g * k + 2 * f) / T * cb + 2 * d * cb) + n * layer
+    elif remat == "attention":  # q, k, v and the attention output, and the layer's input
+        saved = L * n * ((2 * h * k + 2 * g * k) / T * cb + d * cb) + n * layer
     else:
         saved = L * n * layer
     logits = 3 * n * v / T * 4

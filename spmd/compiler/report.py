@@ -22,7 +22,7 @@ import jax
 import numpy as np
 
 from spmd import params as param_lib
-from spmd.compiler import cost, hlo
+from spmd.compiler import cost, hlo, kernels
 from spmd.compiler.program import CompiledStep, TrainProgram, build_model
 from spmd.compiler.program_cost import program_cost
 from spmd.layout import Layout
@@ -221,7 +221,7 @@ class Report:
         shards = m["data"] * m["fsdp"] * m["expert"] * m["sequence"] * m["stage"]
         tokens = self.batch * self.seq / shards
         flops = self.stats.flops_per_device
-        return cost.transformer_kernels(
+        return kernels.transformer_kernels(
             self.cfg, self.hardware, tokens, self.seq, m["tensor"], flops
         )
 
