@@ -129,12 +129,14 @@ def compile_case(case: Case):
 
 
 def prediction(program, stats) -> dict:
-    """The compiler report's prediction for this device (the CPU profile where spmd has
-    none), and the model FLOPs that every MFU here is computed from."""
+    """What `spmd explain` predicts for this device (the CPU profile where spmd has none),
+    and the model FLOPs that every MFU here is computed from."""
     from spmd.compiler import cost, report
     from spmd.models.attention import resolve
 
     hw = cost.hardware_of_devices()
+    if program.layout.mesh.devices.flat[0].platform != "cpu":
+        stats = report.stats_from_compiled(on_host(program).compile())
     predicted = report.make_report(program, hw or cost.get_hardware("cpu"), stats).prediction
     batch, seq = program.shapes["inputs"]
     return {
@@ -146,6 +148,18 @@ def prediction(program, stats) -> dict:
         "predicted_step_s": predicted.step_time_s,
         "predicted_mfu": predicted.mfu if hw else None,
     }
+
+
+def on_host(program):
+    """The same program for this machine's CPU. The compiler report reads XLA:CPU's program,
+    as `spmd explain` does everywhere: in XLA:GPU's, the matmuls are cuBLAS and cuDNN custom
+    calls that the report's FLOP count does not see."""
+    import jax
+
+    from spmd.layout import Layout
+
+    host = Layout.make("data=1", program.layout.rules, jax.devices("cpu")[:1])
+    return dataclasses.replace(program, layout=host)
 
 
 def time_steps(program, compiled, steps: int) -> dict:

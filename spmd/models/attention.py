@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from spmd.errors import SpmdError
+from spmd.rules import current_context
 
 IMPLEMENTATIONS = ("auto", "einsum", "xla", "blocked", "cudnn")
 # Chosen by experiments/attention.py on the 2-core development CPU (float32, gpt-small's
@@ -34,12 +35,21 @@ NEG = jnp.finfo(jnp.float32).min
 
 
 def resolve(impl: str) -> str:
-    """The implementation `impl` stands for on the backend JAX runs."""
+    """The implementation `impl` stands for on the devices the step is traced for."""
     if impl not in IMPLEMENTATIONS:
         raise SpmdError(f"attention={impl!r} must be one of {', '.join(IMPLEMENTATIONS)}")
     if impl != "auto":
         return impl
-    return "cudnn" if jax.default_backend() == "gpu" else CPU_DEFAULT
+    return "cudnn" if _platform() == "gpu" else CPU_DEFAULT
+
+
+def _platform() -> str:
+    """The platform of the layout being traced, else JAX's default backend. A GPU machine can
+    compile a step for its CPU too (as the compiler report does): that step gets CPU's pick."""
+    ctx = current_context()
+    if ctx is not None and isinstance(ctx.mesh, jax.sharding.Mesh):
+        return ctx.mesh.devices.flat[0].platform
+    return jax.default_backend()
 
 
 def causal_attention(q_bthk, k_bsgk, v_bsgk, impl: str = "auto"):
