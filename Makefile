@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-fast lint train seed compile-time clean bench-ckpt generate bench-inference strategies bench-attention bench
+.PHONY: install test test-fast lint train seed compile-time clean bench-ckpt generate bench-inference strategies bench-attention bench scaling
 
 install: $(STAMP)
 
@@ -64,3 +64,7 @@ bench-attention: $(STAMP)
 # spmd's train step against a careful plain-JAX step: tokens/s, their ratio, peak RSS (one CPU device).
 bench: $(STAMP)
 	$(PY) -m experiments.bench
+
+# gpt-small (fsdp=N) on 1, 2, 4, 8 simulated CPU devices: strong and weak scaling, measured vs predicted.
+scaling: $(STAMP)
+	$(PY) -m experiments.scaling
