@@ -44,6 +44,7 @@ from spmd.compiler.program import TrainProgram, build_model  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 MODES = ("strong", "weak")
+RIGHT = ["ring_bytes", "memory_bytes", "state_bytes"]  # the byte columns after the kinds
 
 
 def points(devices_list: list[int], batch: int, per_device_batch: int) -> list[dict]:
@@ -94,6 +95,11 @@ def summarize(point: dict, run: dict, seq: int) -> dict:
         "predicted_tokens_per_s": pred.tokens_per_s,
         **{f"{k}_bytes": v for k, v in by_kind.items()},
         "collective_bytes": sum(by_kind.values()),
+        # The full buffer is the same on any N; what each device sends around the ring,
+        # (N-1)/N of it (twice for an all-reduce), is what grows: ring_time at 1 byte/s.
+        "ring_bytes": sum(
+            c.count * cost.ring_time(c.kind, c.bytes, c.group_size, 1.0) for c in stats.collectives
+        ),
         "collective_count": sum(c.count for c in stats.collectives),
         "memory_bytes": stats.memory["total_bytes"],
         "state_bytes": stats.memory["params_bytes"] + stats.memory["opt_state_bytes"],
@@ -118,15 +124,15 @@ def table(rows: list[dict], mode: str) -> list[str]:
     ratio = "speedup" if mode == "strong" else "efficiency"
     head = ["devices", "mesh", "batch", "measured (min / median)", "tokens/s", "predicted (cpu)",
             f"{ratio} measured / predicted"]  # fmt: skip
-    head += [f"{k}/device" for k in kinds] + ["memory/device", "params+opt/device"]
+    head += [f"{k}/device" for k in kinds] + ["ring sent/device", "memory/device"]
+    head += ["params+opt/device"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in mine:
         cells = [str(r["devices"]), f"`{r['mesh']}`", f"{r['batch']}x{r['seq']}",
                  f"{_ms(r['measured_s'])} / {_ms(r['measured_median_s'])}",
                  f"{r['measured_tokens_per_s']:,.0f}", _ms(r["predicted_s"]),
                  f"{r['measured_vs_first']:.2f} / {r['predicted_vs_first']:.2f}"]  # fmt: skip
-        cells += [render.fmt_bytes(r[f"{k}_bytes"]) for k in kinds]
-        cells += [render.fmt_bytes(r["memory_bytes"]), render.fmt_bytes(r["state_bytes"])]
+        cells += [render.fmt_bytes(r[k]) for k in [f"{k}_bytes" for k in kinds] + RIGHT]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
@@ -138,18 +144,21 @@ def _ms(seconds: float) -> str:
 STATEMENT = """\
 ## What simulated devices can and cannot show
 
-The simulated devices share the same {cores} CPU cores and the same memory. Adding
-devices cannot add compute: the same FLOPs are split into more, smaller per-device programs
-that take turns on those cores, so **no speedup is expected**, and strong scaling's step time
-stays flat at best. The `cpu` profile knows this (each of N devices gets 1/N of the host's
-FLOP/s and bandwidth), so its prediction is the simulation's wall time, not what N real
-devices would do. What the experiment can show is the communication volume (the collective
-bytes per device per step, read from the compiled program, which are the same on real
-devices), the per-device memory (the parameter and optimizer state shrink as 1/N under
-FSDP), and the overhead of partitioning: the extra time the partitioned program spends on
-collectives, which here are memory copies between threads rather than transfers over a link,
-and on smaller, less efficient kernels. It cannot show link bandwidth, overlap of
-communication with compute, or the throughput of more chips.
+The simulated devices share the same {cores} CPU cores and the same memory. Adding devices
+cannot add compute: the same FLOPs are split into more, smaller per-device programs that take
+turns on those cores, so **no speedup is expected**, and strong scaling's step time stays flat
+at best. Weak scaling puts N times the work on the same cores, so its step time grows about
+N-fold, and an efficiency near 1/N is the most it can show. The `cpu` profile knows this (each
+of N devices gets 1/N of the host's FLOP/s and bandwidth), so its prediction is the
+simulation's wall time, not what N real devices would do.
+
+What the experiment can show is the communication volume (the collective bytes per device per
+step, read from the compiled program, which are the same on real devices), the per-device
+memory (the parameter and optimizer state shrink as 1/N under FSDP), and the overhead of
+partitioning: the extra time the partitioned program spends on collectives, which here are
+memory copies between threads rather than transfers over a link, and on smaller, less
+efficient kernels. It cannot show link bandwidth, overlap of communication with compute, or
+the throughput of more chips.
 """
 
 
@@ -172,9 +181,10 @@ def to_markdown(out: dict) -> str:
         "",
         "Measured: the fastest and the median of the timed round-robin steps (the machine is",
         "shared). Predicted: the compiler report's step time on the `cpu` profile. Speedup and",
-        "efficiency are t(first point) / t(N). Collective bytes are per device per step (the",
-        "full buffer each op works on); XLA:CPU has no reduce-scatter, and the report names its",
-        "all-reduce + dynamic-slice pattern as one.",
+        "efficiency are t(first point) / t(N). Collective bytes by kind are per device per step",
+        "(the full buffer each op works on, the same for every N); ring sent is what each device",
+        "sends in a ring, (N-1)/N of that (twice for an all-reduce). XLA:CPU has no",
+        "reduce-scatter; the report names its all-reduce + dynamic-slice pattern as one.",
         *_shared_points(rows),
         "",
         STATEMENT.format(cores=out["host_cores"]),
@@ -207,7 +217,10 @@ def plot(rows: list[dict], title: str, path: Path) -> None:
                      label=f"{mode}, measured")  # fmt: skip
         axes[0].plot(n, [r["predicted_s"] for r in mine], "s--", color=color,
                      label=f"{mode}, predicted (cpu)")  # fmt: skip
-        axes[1].plot(n, [r["collective_bytes"] / 1e6 for r in mine], "o-", color=color, label=mode)
+        axes[1].plot(n, [r["collective_bytes"] / 1e6 for r in mine], "o-", color=color,
+                     label=f"{mode}, full buffers")  # fmt: skip
+        axes[1].plot(n, [r["ring_bytes"] / 1e6 for r in mine], "x:", color=color,
+                     label=f"{mode}, ring sent")  # fmt: skip
         axes[2].plot(n, [r["memory_bytes"] / 1e6 for r in mine], "o-", color=color,
                      label=f"{mode}, total")  # fmt: skip
         axes[2].plot(n, [r["state_bytes"] / 1e6 for r in mine], "x:", color=color,

@@ -34,6 +34,7 @@ def test_runs_and_writes_results(tmp_path):
         one, two = rows[(mode, 1)], rows[(mode, 2)]
         assert one["collective_bytes"] == 0 and one["collective_count"] == 0
         assert two["collective_bytes"] > 0 and two["all-gather_bytes"] > 0
+        assert one["ring_bytes"] == 0 and 0 < two["ring_bytes"] < two["collective_bytes"]
         assert two["state_bytes"] < one["state_bytes"]  # FSDP shards params and optimizer
         assert one["measured_vs_first"] == one["predicted_vs_first"] == 1
     md = (tmp_path / "scaling.md").read_text()
