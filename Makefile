@@ -4,7 +4,8 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-fast lint train seed compile-time clean bench-ckpt generate bench-inference strategies bench-attention bench bench-gpu
+.PHONY: install test test-fast lint train seed compile-time clean bench-ckpt generate \
+	bench-inference strategies bench-attention bench bench-gpu scaling
 
 install: $(STAMP)
 
@@ -71,3 +72,7 @@ bench: $(STAMP)
 # so this uses .venv if there is one, else $(PYTHON), which needs JAX with CUDA, flax and optax.
 bench-gpu:
 	$(if $(wildcard $(PY)),$(PY),$(PYTHON)) -m experiments.gpu
+
+# gpt-small (fsdp=N) on 1, 2, 4, 8 simulated CPU devices: strong and weak scaling, measured vs predicted.
+scaling: $(STAMP)
+	$(PY) -m experiments.scaling
