@@ -76,3 +76,14 @@ def test_each_implementation_trains_alike_on_a_mesh_and_on_one_device(impl):
     np.testing.assert_allclose(got_loss, want_loss, rtol=1e-6)
     for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
         assert np.linalg.norm(g - w) <= 1e-5 * np.linalg.norm(w)
+
+
+def test_cudnn_off_a_gpu_is_one_clear_error(qkv, capsys):
+    from spmd.cli import main
+
+    with pytest.raises(SpmdError, match="attention=cudnn runs on NVIDIA GPUs only"):
+        attention.causal_attention(*qkv, "cudnn")
+    argv = ["explain", "--model", "gpt-tiny", "--set", "n_layers=1", "--attention", "cudnn"]
+    assert main([*argv, "--mesh", "data=8", "--seq", "32"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "attention=cudnn runs on NVIDIA GPUs only" in err[0], err

@@ -38,9 +38,16 @@ def resolve(impl: str) -> str:
     """The implementation `impl` stands for on the devices the step is traced for."""
     if impl not in IMPLEMENTATIONS:
         raise SpmdError(f"attention={impl!r} must be one of {', '.join(IMPLEMENTATIONS)}")
+    platform = _platform()
+    if impl == "cudnn" and platform != "gpu":
+        raise SpmdError(
+            f"attention=cudnn runs on NVIDIA GPUs only, and this step is compiled for {platform} "
+            "(spmd explain and plan always compile on CPU); use --attention auto, which is "
+            "cuDNN on GPUs and which the GPU profiles' predictions assume"
+        )
     if impl != "auto":
         return impl
-    return "cudnn" if _platform() == "gpu" else CPU_DEFAULT
+    return "cudnn" if platform == "gpu" else CPU_DEFAULT
 
 
 def _platform() -> str:
