@@ -33,6 +33,20 @@ def run_spmd(*args: str, timeout: float = 300, env: dict | None = None, cwd: str
     )
 
 
+def jsonl_corpus(path, docs: int = 300) -> str:
+    """A small code-like corpus as JSON Lines, the same every time (seeded)."""
+    import json
+
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    words = ["def", "return", "self", "import", "class", "(x)", "+", "1", "for", "in", "\n"]
+    with open(path, "w") as f:
+        for i in range(docs):
+            f.write(json.dumps({"text": f"# doc {i}\n" + " ".join(rng.choice(words, 120))}) + "\n")
+    return str(path)
+
+
 @pytest.fixture
 def spmd_cli():
     return run_spmd

@@ -18,9 +18,8 @@ import types
 from pathlib import Path
 
 import jax.numpy as jnp
-import numpy as np
 import pytest
-from conftest import REPO, run_spmd, spmd_env
+from conftest import REPO, jsonl_corpus, run_spmd, spmd_env
 from orbax.checkpoint._src.handlers import json_checkpoint_handler as jch
 
 from spmd import checkpoint as ckpt
@@ -58,13 +57,7 @@ def dead_pid() -> int:
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data") / "docs.jsonl"
-    rng = np.random.default_rng(0)
-    words = ["def", "return", "self", "import", "class", "(x)", "+", "1", "for", "in", "\n"]
-    with open(path, "w") as f:
-        for i in range(300):
-            f.write(json.dumps({"text": f"# doc {i}\n" + " ".join(rng.choice(words, 120))}) + "\n")
-    return str(path)
+    return jsonl_corpus(tmp_path_factory.mktemp("data") / "docs.jsonl")
 
 
 def train_args(data, tmp_path, *extra):

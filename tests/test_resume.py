@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import run_spmd, spmd_env
+from conftest import jsonl_corpus, run_spmd, spmd_env
 
 from spmd import checkpoint as ckpt
 
@@ -26,13 +26,7 @@ STEPS = 20
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data") / "docs.jsonl"
-    rng = np.random.default_rng(0)
-    words = ["def", "return", "self", "import", "class", "(x)", "+", "1", "for", "in", "\n"]
-    with open(path, "w") as f:
-        for i in range(300):
-            f.write(json.dumps({"text": f"# doc {i}\n" + " ".join(rng.choice(words, 120))}) + "\n")
-    return str(path)
+    return jsonl_corpus(tmp_path_factory.mktemp("data") / "docs.jsonl")
 
 
 def base_args(data, *extra):
