@@ -166,3 +166,11 @@ def test_loop_bodies_are_counted_per_iteration(tiny_stats):
     assert scanned.xla_flops_raw < 0.8 * unrolled.xla_flops_raw  # XLA: the body once
     assert scanned.flops_per_device == pytest.approx(unrolled.flops_per_device, rel=0.03)
     assert scanned.matmul_flops_per_device == pytest.approx(unrolled.matmul_flops_per_device)
+
+
+def test_the_cpu_profile_peak_is_this_hosts_timed_matmul():
+    """The progress bar and `spmd explain --hardware cpu` share it (one peak), and it is this
+    host's: a fixed figure let the progress bar show an MFU above 100% on a faster CPU."""
+    cpu = cost.get_hardware("cpu")
+    assert cpu.peak_flops == cost.host_matmul_flops() > 0
+    assert cost.hardware_of_devices() == cpu

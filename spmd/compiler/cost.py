@@ -43,6 +43,7 @@ Step-time prediction (a roofline with communication on top):
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Iterable, Sequence
 
@@ -96,7 +97,8 @@ class Hardware:
 #        ICI 1,200 GB/s bidirectional per chip (600 one way), 8,960-chip pods, DCN 50 Gb/s
 #        per chip.
 #  cpu:  this 2-core development VM, measured with XLA on an idle machine (best of 20): a
-#        1024^3 float32 matmul at ~85 GFLOP/s, a 256 MB elementwise op at ~8 GB/s; an
+#        1024^3 float32 matmul at ~85 GFLOP/s (the table's figure; `get_hardware` replaces
+#        it with this host's own, timed), a 256 MB elementwise op at ~8 GB/s; an
 #        all-reduce across 8 simulated devices at ~30 us per ring step and ~1 GB/s (4 MB in
 #        ~5.7 ms, wall time). Simulated devices share the host's cores and memory, so each
 #        gets 1/N of its FLOP/s and bandwidth (`shared_host`), and predictions are the
@@ -137,9 +139,40 @@ HARDWARE: dict[str, Hardware] = {
 
 
 def get_hardware(name: str) -> Hardware:
+    """A profile by name. The `cpu` profile's peak is this host's, timed once per process:
+    CPUs of one kind differ by 2x (DESIGN.md), and a fixed figure made the progress bar
+    show an MFU above 100% on a faster host."""
     if name not in HARDWARE:
         raise SpmdError(f"unknown hardware {name!r}; choose one of {', '.join(HARDWARE)}")
+    if name == "cpu":
+        return dataclasses.replace(HARDWARE[name], peak_flops=host_matmul_flops())
     return HARDWARE[name]
+
+
+@functools.cache
+def host_matmul_flops(rows: int = 4096, n: int = 512, tries: int = 5) -> float:
+    """Float32 matmul FLOP/s of this host's CPU devices together: one SPMD matmul whose rows
+    are split over every local CPU device, since simulated devices share the cores; the best
+    of a few tries, as other work on the host only slows it."""
+    import time
+
+    import jax
+    import numpy as np
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    devices = jax.local_devices(backend="cpu")
+    rows = max(rows // len(devices), 8) * len(devices)
+    mesh = Mesh(np.array(devices), ("d",))
+    x = jax.device_put(np.ones((rows, n), np.float32), NamedSharding(mesh, PartitionSpec("d")))
+    w = jax.device_put(np.ones((n, n), np.float32), NamedSharding(mesh, PartitionSpec()))
+    matmul = jax.jit(lambda a, b: a @ b)
+    matmul(x, w).block_until_ready()
+    best = float("inf")
+    for _ in range(tries):
+        t0 = time.perf_counter()
+        matmul(x, w).block_until_ready()
+        best = min(best, time.perf_counter() - t0)
+    return 2.0 * rows * n * n / best
 
 
 def dtype_warning(hw: Hardware, dtype: str) -> str | None:
@@ -173,7 +206,7 @@ def hardware_of_devices() -> Hardware | None:
     name = _profile_name()
     if name is None and jax.devices()[0].platform == "cpu":
         name = "cpu"
-    return HARDWARE[name] if name else None
+    return get_hardware(name) if name else None
 
 
 def _profile_name() -> str | None:
