@@ -98,11 +98,10 @@ class _DropTracebacks(logging.Filter):
 
 
 def _reason(e: BaseException) -> str:
-    while e.__cause__ is not None or e.__context__ is not None:
-        e = e.__cause__ or e.__context__
-    if isinstance(e, OSError) and e.strerror:
-        return e.strerror
-    return faults.first_line(e)
+    root = faults.causes(e)[-1]  # guards against a cause chain that loops
+    if isinstance(root, OSError) and root.strerror:
+        return root.strerror
+    return faults.first_line(root)
 
 
 def _intact(ckpt_dir: str, failed: int) -> str:
