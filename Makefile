@@ -15,10 +15,18 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
-test: $(STAMP)
+# The tests also need the interop extra (torch CPU, transformers, safetensors): only they pay
+# for it, not `make train`.
+INTEROP := $(VENV)/.installed-interop
+
+$(INTEROP): $(STAMP)
+	$(PY) -m pip install --quiet -e '.[dev,interop]'
+	touch $(INTEROP)
+
+test: $(INTEROP)
 	$(PY) -m pytest -q
 
-test-fast: $(STAMP)
+test-fast: $(INTEROP)
 	$(PY) -m pytest -q -m "not slow"
 
 lint: $(STAMP)
