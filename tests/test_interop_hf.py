@@ -73,14 +73,23 @@ def llama(tmp_path_factory, tokenizer_json):
     return model, str(root / "hf"), str(root / "ck")
 
 
+@pytest.fixture(scope="module")
+def tied_llama(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tied")
+    return save_llama(root / "hf", tie=True, seed=2), str(root / "hf"), None
+
+
 def hf_logits(model, tokens: np.ndarray) -> np.ndarray:
     with torch.no_grad():
         return model(torch.tensor(tokens)).logits.numpy()
 
 
-@pytest.mark.parametrize("mesh", ["data=1", "tensor=2,fsdp=2"])
-def test_logits_equal_transformers(llama, mesh):
-    model, hf_dir, _ = llama
+@pytest.mark.parametrize(
+    "which, mesh",
+    [("llama", "data=1"), ("llama", "tensor=2,fsdp=2"), ("tied_llama", "tensor=2,fsdp=2")],
+)
+def test_logits_equal_transformers(request, which, mesh):
+    model, hf_dir, _ = request.getfixturevalue(which)
     devices = jax.devices()[:1] if mesh == "data=1" else jax.devices()[:4]
     layout = Layout.make(mesh, None, devices)
     spmd_model, params, _ = hf.load_hf_params(hf_dir, layout)
@@ -175,6 +184,32 @@ def test_fine_tune_from_converted_checkpoint_on_a_mesh(llama, tmp_path):
     moved = jax.tree.map(lambda a, b: float(np.max(np.abs(np.asarray(a) - np.asarray(b)))),
                          before, after)  # fmt: skip
     assert 0 < max(jax.tree.leaves(moved)) < 0.01
+    # The fine-tuned weights go back out as a Llama that transformers computes identically.
+    back = tmp_path / "back"
+    assert main(["convert", "spmd-to-hf", "--ckpt", run, "--out", str(back)]) == 0
+    tuned = transformers.LlamaForCausalLM.from_pretrained(str(back)).eval()
+    assert (back / "tokenizer.json").is_file()
+    assert json.loads((back / "config.json").read_text())["bos_token_id"] == 1  # kept from HF
+    tokens = np.random.default_rng(1).integers(0, VOCAB, (1, 16)).astype(np.int32)
+    ours = np.asarray(jax.jit(gpt.forward, static_argnums=2)(after, tokens, model.cfg))
+    np.testing.assert_allclose(ours, hf_logits(tuned, tokens), atol=1e-4, rtol=1e-4)
+
+
+def test_init_from_refuses_a_shape_change(llama, capsys):
+    argv = ["train", "--init-from", llama[2], "--set", "d_model=128", "--steps", "1"]
+    fails_cleanly(capsys, argv, "--set d_model=128 changes the shape of the weights")
+    argv = ["train", "--init-from", llama[2], "--model", "gpt-small", "--steps", "1"]
+    fails_cleanly(capsys, argv, "--model gpt-small contradicts --init-from")
+
+
+def test_convert_experiment_runs_tiny(tmp_path, capsys):
+    from experiments import hf_convert
+
+    tiny = "n_layers=1,d_model=32,n_heads=2,n_kv_heads=1,head_dim=16,d_ff=64,vocab_size=256"
+    result = hf_convert.main(["--set", tiny, "--out", str(tmp_path / "r.json")])
+    for way in ("hf_to_spmd", "spmd_to_hf"):
+        assert result[way]["seconds"] > 0 and result[way]["peak_rss_mb"] > 0
+    assert "peak RSS" in capsys.readouterr().out
 
 
 def broken_copy(hf_dir, tmp_path, edit_config=None, drop=None):
@@ -200,6 +235,8 @@ def broken_copy(hf_dir, tmp_path, edit_config=None, drop=None):
     [
         ({"architectures": ["MistralForCausalLM"]}, None, "architectures=['MistralForCausalLM']"),
         (None, "model.layers.1.mlp.up_proj.weight", "model.layers.1.mlp.up_proj.weight is missing"),
+        ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, None, "rope scaling"),
+        ({"mlp_bias": True}, None, "mlp_bias=true is not supported"),
         (
             {"intermediate_size": 192},
             None,
@@ -212,3 +249,10 @@ def test_bad_checkpoints_fail_in_one_line(llama, tmp_path, capsys, edit, drop, m
     argv = ["convert", "hf-to-spmd", "--hf-dir", bad, "--out", str(tmp_path / "ck")]
     fails_cleanly(capsys, argv, message)
     assert not (tmp_path / "ck").exists()  # nothing half-written
+
+
+def test_convert_refuses_to_overwrite(llama, tmp_path, capsys):
+    argv = ["convert", "hf-to-spmd", "--hf-dir", llama[1], "--out", llama[2]]
+    fails_cleanly(capsys, argv, "already holds a checkpoint")
+    argv = ["convert", "spmd-to-hf", "--ckpt", llama[2], "--out", llama[1]]
+    fails_cleanly(capsys, argv, "is not empty")

@@ -170,6 +170,7 @@ def spmd_to_hf(
                 writer.add(name, m.to_hf(np.asarray(value[i])).astype(np_dtype))
         else:
             writer.add(m.hf, m.to_hf(np.asarray(value)).astype(np_dtype))
+        value.delete()  # on a CPU the devices' memory is the host's: free it as shards fill
     files = writer.close()
     config = hf_config.from_gpt(model.cfg, base, dtype)
     (out_path / "config.json").write_text(json.dumps(config, indent=2) + "\n")
