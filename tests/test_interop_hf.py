@@ -173,8 +173,14 @@ def test_fine_tune_from_converted_checkpoint_on_a_mesh(llama, tmp_path):
     assert main(argv) == 0
     losses = [json.loads(line)["loss"] for line in metrics.read_text().splitlines()]
     assert len(losses) == 3 and np.all(np.isfinite(losses))
+    # The fine-tune resumes as any run does, with its flags (--init-from included).
+    assert main([*argv[:-2], "--steps", "4", "--mesh", "fsdp=4,tensor=2", "--resume"]) == 0
     config = ckpt.load_run_config(run)
-    assert config["init_from"] == source and config["tokenizer"].endswith("tokenizer.json")
+    assert (
+        config["init_from"] == source
+        and ckpt.all_steps(run) == [3, 4]
+        and config["tokenizer"].endswith("tokenizer.json")
+    )
     model = get_model(config["model"], dict(config["overrides"]))
     layout = Layout.make("data=1", None, jax.devices()[:1])
     before = ckpt.restore_params(source, model, layout)
@@ -188,7 +194,7 @@ def test_fine_tune_from_converted_checkpoint_on_a_mesh(llama, tmp_path):
     back = tmp_path / "back"
     assert main(["convert", "spmd-to-hf", "--ckpt", run, "--out", str(back)]) == 0
     tuned = transformers.LlamaForCausalLM.from_pretrained(str(back)).eval()
-    assert (back / "tokenizer.json").is_file()
+    assert (back / "tokenizer.json").is_file() and (back / "generation_config.json").is_file()
     assert json.loads((back / "config.json").read_text())["bos_token_id"] == 1  # kept from HF
     tokens = np.random.default_rng(1).integers(0, VOCAB, (1, 16)).astype(np.int32)
     ours = np.asarray(jax.jit(gpt.forward, static_argnums=2)(after, tokens, model.cfg))
@@ -256,3 +262,14 @@ def test_convert_refuses_to_overwrite(llama, tmp_path, capsys):
     fails_cleanly(capsys, argv, "already holds a checkpoint")
     argv = ["convert", "spmd-to-hf", "--ckpt", llama[2], "--out", llama[1]]
     fails_cleanly(capsys, argv, "is not empty")
+
+
+def test_a_llama_tokenizer_ends_documents_with_its_own_eos(tmp_path):
+    from tokenizers import Tokenizer, models
+
+    from spmd.data.tokenizer import load_tokenizer
+
+    tok = Tokenizer(models.BPE())
+    tok.add_special_tokens(["<unk>", "<s>", "</s>"])
+    tok.save(str(tmp_path / "tokenizer.json"))
+    assert load_tokenizer(str(tmp_path / "tokenizer.json")).eos_id == 2

@@ -26,11 +26,13 @@ import numpy as np
 from spmd.errors import SpmdError
 from spmd.interop import hf_config
 from spmd.interop.hf_names import IGNORED_SUFFIXES, TensorMap, tensor_maps
-from spmd.interop.safetensors_io import Reader, ShardedWriter
+from spmd.interop.safetensors_io import Reader, ShardedWriter, safetensors
 from spmd.layout import Layout
 from spmd.models import Model, get_model
 
 TOKENIZER = "tokenizer.json"
+# Small files that transformers reads beside the weights; carried across both ways as they are.
+COMPANIONS = ("tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
 NUMPY_DTYPES = {"float32": np.float32, "bfloat16": "bfloat16", "float16": np.float16}
 
 
@@ -111,12 +113,14 @@ def hf_to_spmd(hf_dir: str, out: str, layout: Layout) -> dict:
 
     if ckpt.all_steps(out):
         raise SpmdError(f"--out {out} already holds a checkpoint; choose a new folder")
+    safetensors()  # before anything is created
     model, params, config = load_hf_params(hf_dir, layout)
     Path(out).mkdir(parents=True, exist_ok=True)
     tokenizer = None
     if (Path(hf_dir) / TOKENIZER).is_file():
         tokenizer = str((Path(out) / TOKENIZER).absolute())
         shutil.copyfile(Path(hf_dir) / TOKENIZER, tokenizer)
+    _copy_companions(Path(hf_dir), Path(out))
     overrides = tuple(hf_config.to_overrides(config).items())
     run = TrainConfig(model=hf_config.BASE_MODEL, overrides=overrides, tokenizer=tokenizer)
     record = {
@@ -156,6 +160,7 @@ def spmd_to_hf(
     dtype = dtype or hf_config.source_dtype(base or {})
     if dtype not in NUMPY_DTYPES:
         raise SpmdError(f"--dtype {dtype} must be one of {', '.join(NUMPY_DTYPES)}")
+    safetensors()
     out_path = Path(out)
     if out_path.exists() and any(out_path.iterdir()):
         raise SpmdError(f"--out {out} is not empty; choose a new folder")
@@ -177,7 +182,14 @@ def spmd_to_hf(
     tokenizer = run.get("tokenizer")
     if tokenizer and Path(tokenizer).is_file():
         shutil.copyfile(tokenizer, out_path / TOKENIZER)
+        _copy_companions(Path(tokenizer).parent, out_path)
     return {"files": files, "params": model.n_params, "dtype": dtype}
+
+
+def _copy_companions(source: Path, target: Path) -> None:
+    for name in COMPANIONS:
+        if (source / name).is_file():
+            shutil.copyfile(source / name, target / name)
 
 
 def hf_base_config(run: dict) -> dict | None:

@@ -19,6 +19,19 @@ INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
 
 
+def safetensors():
+    """The library, or one line saying how to install it (it is in the `interop` extra)."""
+    try:
+        import safetensors
+        import safetensors.numpy
+    except ImportError:
+        raise SpmdError(
+            "spmd convert needs the safetensors package: pip install 'spmd[interop]' "
+            "(or pip install safetensors)"
+        ) from None
+    return safetensors
+
+
 class Reader:
     """Lazy tensors by name across a checkpoint's files; use as a context manager."""
 
@@ -39,8 +52,7 @@ class Reader:
 
     def lazy(self, name: str):
         """The tensor's slice handle: `lazy[rows, cols]` reads just that block."""
-        from safetensors import safe_open
-
+        safe_open = safetensors().safe_open
         file = self.files[name]
         if file not in self._open:
             self._open[file] = self._stack.enter_context(
@@ -69,10 +81,8 @@ def _weight_map(hf_dir: Path) -> dict[str, str]:
 
 
 def _header_names(path: Path) -> list[str]:
-    from safetensors import safe_open
-
     try:
-        with safe_open(str(path), framework="numpy") as f:
+        with safetensors().safe_open(str(path), framework="numpy") as f:
             return list(f.keys())
     except Exception as e:  # the library raises its own SafetensorError for a bad header
         raise SpmdError(f"{path} is not a safetensors file ({e})") from None
@@ -97,8 +107,7 @@ class ShardedWriter:
         self.total += tensor.nbytes
 
     def _flush(self) -> None:
-        from safetensors.numpy import save_file
-
+        save_file = safetensors().numpy.save_file
         save_file(self.pending, str(self._tmp(len(self.shards))), metadata={"format": "pt"})
         self.shards.append(list(self.pending))
         self.pending = {}
