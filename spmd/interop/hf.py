@@ -83,8 +83,13 @@ def _make_param(reader: Reader, m: TensorMap, spec, sharding):
         if not m.layered:
             return m.read(reader.lazy(m.hf), per_layer, index).astype(spec.dtype)
         layers = range(*index[0].indices(spec.shape[0]))
-        parts = [m.read(reader.lazy(names[i]), per_layer, index[1:]) for i in layers]
-        return np.stack(parts).astype(spec.dtype)
+        out = None  # filled layer by layer: the block is never held twice
+        for j, i in enumerate(layers):
+            part = m.read(reader.lazy(names[i]), per_layer, index[1:])
+            if out is None:
+                out = np.empty((len(layers), *part.shape), spec.dtype)
+            out[j] = part
+        return out
 
     return jax.make_array_from_callback(spec.shape, sharding, block)
 
