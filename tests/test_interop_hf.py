@@ -42,11 +42,11 @@ def llama_config(tie: bool):
     )
 
 
-def save_llama(path, tie: bool, seed: int):
+def save_llama(path, tie: bool, seed: int, dtype=None):
     """A random Llama saved as transformers saves one, in several shards with an index."""
     torch.manual_seed(seed)
     model = transformers.LlamaForCausalLM(llama_config(tie)).eval()
-    model.save_pretrained(path, max_shard_size="100KB")
+    (model.to(dtype) if dtype else model).save_pretrained(path, max_shard_size="100KB")
     return model
 
 
@@ -110,9 +110,9 @@ def read_all(folder) -> dict:
     return out
 
 
-@pytest.mark.parametrize("tie", [False, True])
-def test_round_trip_is_bit_identical(tmp_path, tie):
-    save_llama(tmp_path / "hf", tie=tie, seed=1)
+@pytest.mark.parametrize("tie, dtype", [(False, None), (True, "bfloat16")])
+def test_round_trip_is_bit_identical(tmp_path, tie, dtype):
+    save_llama(tmp_path / "hf", tie=tie, seed=1, dtype=dtype and getattr(torch, dtype))
     argv = [
         "convert",
         "hf-to-spmd",
