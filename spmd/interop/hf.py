@@ -81,11 +81,11 @@ def _make_param(reader: Reader, m: TensorMap, spec, sharding):
 
     def block(index):
         if not m.layered:
-            return m.read(reader.lazy(m.hf), per_layer, index).astype(spec.dtype)
+            return reader.read(m.hf, lambda t: m.read(t, per_layer, index)).astype(spec.dtype, copy=False)
         layers = range(*index[0].indices(spec.shape[0]))
         out = None  # filled layer by layer: the block is never held twice
         for j, i in enumerate(layers):
-            part = m.read(reader.lazy(names[i]), per_layer, index[1:])
+            part = reader.read(names[i], lambda t: m.read(t, per_layer, index[1:]))
             if out is None:
                 out = np.empty((len(layers), *part.shape), spec.dtype)
             out[j] = part

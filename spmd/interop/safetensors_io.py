@@ -7,7 +7,6 @@ A checkpoint is one `model.safetensors`, or shards listed by `model.safetensors.
 
 from __future__ import annotations
 
-import contextlib
 import json
 from pathlib import Path
 
@@ -33,35 +32,34 @@ def safetensors():
 
 
 class Reader:
-    """Lazy tensors by name across a checkpoint's files; use as a context manager."""
+    """Tensors by name across a checkpoint's files.
+
+    Each read opens its file and closes it after: safetensors memory-maps the file, and the
+    pages a read touched count as the process's memory until the map is closed, so a reader
+    that kept its files open would end up holding the whole checkpoint.
+    """
 
     def __init__(self, hf_dir: str):
         self.dir = Path(hf_dir)
         self.files = _weight_map(self.dir)
-        self._stack = contextlib.ExitStack()
-        self._open: dict[str, object] = {}
 
     def __enter__(self):
         return self
 
     def __exit__(self, *exc):
-        self._stack.close()
+        pass
 
     def names(self) -> list[str]:
         return list(self.files)
 
-    def lazy(self, name: str):
-        """The tensor's slice handle: `lazy[rows, cols]` reads just that block."""
-        safe_open = safetensors().safe_open
-        file = self.files[name]
-        if file not in self._open:
-            self._open[file] = self._stack.enter_context(
-                safe_open(str(self.dir / file), framework="numpy")
-            )
-        return self._open[file].get_slice(name)
+    def read(self, name: str, fn):
+        """`fn(lazy)` for the tensor's slice handle: `lazy[rows, cols]` reads that block."""
+        path = str(self.dir / self.files[name])
+        with safetensors().safe_open(path, framework="numpy") as f:
+            return fn(f.get_slice(name))
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self.lazy(name).get_shape())
+        return tuple(self.read(name, lambda lazy: lazy.get_shape()))
 
 
 def _weight_map(hf_dir: Path) -> dict[str, str]:
