@@ -81,7 +81,9 @@ def _make_param(reader: Reader, m: TensorMap, spec, sharding):
 
     def block(index):
         if not m.layered:
-            return reader.read(m.hf, lambda t: m.read(t, per_layer, index)).astype(spec.dtype, copy=False)
+            return reader.read(m.hf, lambda t: m.read(t, per_layer, index)).astype(
+                spec.dtype, copy=False
+            )
         layers = range(*index[0].indices(spec.shape[0]))
         out = None  # filled layer by layer: the block is never held twice
         for j, i in enumerate(layers):
