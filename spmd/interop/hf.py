@@ -2,14 +2,16 @@
 
 In (`hf_to_spmd`): every parameter is made with `jax.make_array_from_callback` on its target
 sharding; the callback reads only the block its device holds, layer by layer, from the
-safetensors files. So host memory holds one shard of one parameter at a time, and on a
-cluster each process reads only its own devices' slices. The result is written by spmd's own
-Checkpointer as step 0: an ordinary checkpoint that `spmd generate` reads and `spmd train
---init-from` fine-tunes on any mesh. Its optimizer state is empty: a fine-tune starts a
-fresh one (see spmd.interop.init_from).
+safetensors files. So besides the parameters on their devices, host memory holds one
+device's block of one parameter at a time, and in a multi-process job each process reads
+only its own devices' slices. The result is written by spmd's own Checkpointer as step 0:
+an ordinary checkpoint that `spmd generate` reads and `spmd train --init-from` fine-tunes on
+any mesh. Its optimizer state is a placeholder: a fine-tune starts a fresh one
+(spmd.train.init_from).
 
-Out (`spmd_to_hf`): the parameters are restored onto one device (or a mesh), then gathered
-one HF tensor at a time into safetensors shards of at most `max_shard_bytes`.
+Out (`spmd_to_hf`): each parameter is restored alone onto one device (or a mesh), gathered
+one HF tensor at a time into safetensors shards of at most `max_shard_bytes`, and freed. So
+host memory holds one shard and one parameter, never the whole model.
 
 Every tensor's name and shape is checked against config.json before anything is read.
 """
@@ -23,6 +25,8 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from spmd.checkpoint.faults import first_line
+from spmd.checkpoint.steps import pick_step
 from spmd.errors import SpmdError
 from spmd.interop import hf_config
 from spmd.interop.hf_names import IGNORED_SUFFIXES, TensorMap, tensor_maps
@@ -171,18 +175,19 @@ def spmd_to_hf(
     out_path = Path(out)
     if out_path.exists() and any(out_path.iterdir()):
         raise SpmdError(f"--out {out} is not empty; choose a new folder")
-    params = ckpt.restore_params(ckpt_dir, model, layout, step)
+    step = pick_step(ckpt_dir, step)
+    target = layout.abstract_params(model.specs())
     out_path.mkdir(parents=True, exist_ok=True)
     writer = ShardedWriter(out_path, max_shard_bytes)
     np_dtype = NUMPY_DTYPES[dtype]
     for m in tensor_maps(model.cfg.tie_embeddings):
-        value = _at(params, m.path)
+        value = _restore_one(ckpt_dir, step, m.path, _at(target, m.path))
         if m.layered:
             for i, name in enumerate(m.hf_names(model.cfg.n_layers)):
                 writer.add(name, m.to_hf(np.asarray(value[i])).astype(np_dtype))
         else:
             writer.add(m.hf, m.to_hf(np.asarray(value)).astype(np_dtype))
-        value.delete()  # on a CPU the devices' memory is the host's: free it as shards fill
+        value.delete()  # on a CPU the devices' memory is the host's
     files = writer.close()
     config = hf_config.from_gpt(model.cfg, base, dtype)
     (out_path / "config.json").write_text(json.dumps(config, indent=2) + "\n")
@@ -191,6 +196,20 @@ def spmd_to_hf(
         shutil.copyfile(tokenizer, out_path / TOKENIZER)
         _copy_companions(Path(tokenizer).parent, out_path)
     return {"files": files, "params": model.n_params, "dtype": dtype}
+
+
+def _restore_one(ckpt_dir: str, step: int, path, abstract):
+    """One parameter, read alone: the whole model is never restored at once."""
+    from spmd.checkpoint.restore import restore_items
+
+    tree: dict = {}
+    _put(tree, path, abstract)
+    try:
+        return _at(restore_items(ckpt_dir, step, partial=True, params=tree)["params"], path)
+    except Exception as e:  # orbax and tensorstore raise many kinds for a bad step
+        raise SpmdError(
+            f"--ckpt {ckpt_dir} step {step}: cannot read {'/'.join(path)} ({first_line(e)})"
+        ) from None
 
 
 def _copy_companions(source: Path, target: Path) -> None:
