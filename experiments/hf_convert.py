@@ -2,7 +2,7 @@
 
 A random Llama of a preset's shape (gpt-350m by default, float32) is written as transformers
 would (config.json, 1 GB safetensors shards and their index), then `spmd convert hf-to-spmd`
-and `spmd convert spmd-to-hf` each run in a fresh process on one CPU device. The peak
+and `spmd convert spmd-to-hf --max-shard-size 1GB` each run in a fresh process on one CPU device. The peak
 resident memory is that process's own (`wait4`'s ru_maxrss), beside the model's size and its
 largest tensor.
 
@@ -72,7 +72,7 @@ def run(model: str = "gpt-350m", overrides: dict | None = None, workdir=None) ->
         into = timed(["convert", "hf-to-spmd", "--hf-dir", str(root / "hf"), "--out",
                       str(root / "ck")])  # fmt: skip
         out = timed(["convert", "spmd-to-hf", "--ckpt", str(root / "ck"), "--out",
-                     str(root / "back")])  # fmt: skip
+                     str(root / "back"), "--max-shard-size", "1GB"])  # fmt: skip
     mb = {k.replace("_bytes", "_mb"): round(v / 1e6, 1) for k, v in sizes.items()}
     return {"model": model, "overrides": overrides or {}, **mb, "hf_to_spmd": into,
             "spmd_to_hf": out}  # fmt: skip
