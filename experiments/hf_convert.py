@@ -1,10 +1,10 @@
 """What converting a Hugging Face Llama checkpoint costs: time and peak host memory, each way.
 
 A random Llama of a preset's shape (gpt-350m by default, float32) is written as transformers
-would (config.json, 1 GB safetensors shards and their index), then `spmd convert hf-to-spmd`
-and `spmd convert spmd-to-hf --max-shard-size 1GB` each run in a fresh process on one CPU device. The peak
-resident memory is that process's own (`wait4`'s ru_maxrss), beside the model's size and its
-largest tensor.
+would (config.json, 1 GB safetensors shards and their index); then `spmd convert hf-to-spmd`
+and `spmd convert spmd-to-hf --max-shard-size 1GB` each run in a fresh process on one CPU
+device. The peak resident memory is that process's own (`wait4`'s ru_maxrss), beside the
+model's size and its largest tensor.
 
     make bench-convert
 """
