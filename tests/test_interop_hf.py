@@ -273,3 +273,17 @@ def test_a_llama_tokenizer_ends_documents_with_its_own_eos(tmp_path):
     tok.add_special_tokens(["<unk>", "<s>", "</s>"])
     tok.save(str(tmp_path / "tokenizer.json"))
     assert load_tokenizer(str(tmp_path / "tokenizer.json")).eos_id == 2
+
+
+def test_a_moved_converted_checkpoint_still_finds_its_tokenizer(llama, tmp_path):
+    from spmd.train.config import TrainConfig
+    from spmd.train.init_from import resolve
+
+    moved = tmp_path / "moved"
+    shutil.copytree(llama[2], moved)
+    config_file = moved / "0" / "config" / "metadata"
+    config = json.loads(config_file.read_text())
+    config["tokenizer"] = str(tmp_path / "gone" / "tokenizer.json")  # where it was written
+    config_file.write_text(json.dumps(config))
+    cfg = resolve(TrainConfig(init_from=str(moved)))
+    assert cfg.tokenizer == str(moved / "tokenizer.json")

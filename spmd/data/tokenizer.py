@@ -83,6 +83,16 @@ def load_tokenizer(path: str | None):
     return BPETokenizer(path)
 
 
+def checkpoint_tokenizer(recorded: str | None, ckpt_dir: str) -> str | None:
+    """The tokenizer a checkpoint's config names, or, when that path is gone (the folder was
+    copied or moved), the `tokenizer.json` inside the checkpoint folder (`spmd convert`
+    puts one there)."""
+    beside = Path(ckpt_dir) / "tokenizer.json"
+    if recorded and not Path(recorded).is_file() and beside.is_file():
+        return str(beside.absolute())
+    return recorded
+
+
 def train_bpe(texts: Iterable[str], vocab: int, out: str) -> int:
     """Train a byte-level BPE on `texts`, write it to `out`; returns the vocabulary size."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers

@@ -27,6 +27,7 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
     if not cfg.init_from:
         return cfg
     from spmd import checkpoint as ckpt
+    from spmd.data.tokenizer import checkpoint_tokenizer
 
     source = ckpt.load_run_config(cfg.init_from)
     name = source["model"]
@@ -47,7 +48,7 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
         cfg,
         model=name,
         overrides=tuple({**base, **mine}.items()),
-        tokenizer=cfg.tokenizer or source.get("tokenizer"),
+        tokenizer=cfg.tokenizer or checkpoint_tokenizer(source.get("tokenizer"), cfg.init_from),
     )
 
 
