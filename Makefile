@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
 .PHONY: install test test-fast lint train seed compile-time clean bench-ckpt generate \
-	bench-inference strategies bench-attention bench bench-gpu scaling
+	bench-inference strategies bench-attention bench bench-gpu scaling bench-convert
 
 install: $(STAMP)
 
@@ -15,10 +15,18 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
-test: $(STAMP)
+# The tests also need the interop extra (torch CPU, transformers, safetensors): only they pay
+# for it, not `make train`.
+INTEROP := $(VENV)/.installed-interop
+
+$(INTEROP): $(STAMP)
+	$(PY) -m pip install --quiet -e '.[dev,interop]'
+	touch $(INTEROP)
+
+test: $(INTEROP)
 	$(PY) -m pytest -q
 
-test-fast: $(STAMP)
+test-fast: $(INTEROP)
 	$(PY) -m pytest -q -m "not slow"
 
 lint: $(STAMP)
@@ -76,3 +84,7 @@ bench-gpu:
 # gpt-small (fsdp=N) on 1, 2, 4, 8 simulated CPU devices: strong and weak scaling, measured vs predicted.
 scaling: $(STAMP)
 	$(PY) -m experiments.scaling
+
+# Time and peak host memory of `spmd convert` each way for a random gpt-350m-shaped Llama.
+bench-convert: $(INTEROP)
+	$(PY) -m experiments.hf_convert

@@ -24,6 +24,7 @@ COMMANDS = {
     "tokenizer": "spmd.commands.tokenizer",
     "launch": "spmd.commands.launch",
     "generate": "spmd.commands.generate",
+    "convert": "spmd.commands.convert",
 }
 
 

@@ -133,17 +133,28 @@ def _invalid_path(ckpt_dir: str, step: int) -> Path:
     return target
 
 
-def restore_items(ckpt_dir: str, step: int, **targets) -> dict:
+def restore_items(ckpt_dir: str, step: int, partial: bool = False, **targets) -> dict:
     """Restore array items into abstract targets (whose shardings say where each slice goes).
 
     Each process reads only its own slices, with no barrier: processes share their verdicts
     afterwards (`restore_with_fallback`), and one that failed mid-read must not leave the
-    others waiting in orbax's barrier.
+    others waiting in orbax's barrier. `partial`: a target may name only some of an item's
+    arrays (to read a checkpoint one parameter at a time).
     """
     ocp = orbax_checkpoint()
     quiet.install()
     me = jax.process_index()
-    args = {k: ocp.args.StandardRestore(v) for k, v in targets.items()}
+    if partial:
+        args = {
+            k: ocp.args.PyTreeRestore(
+                item=v,
+                restore_args=ocp.checkpoint_utils.construct_restore_args(v),
+                partial_restore=True,
+            )
+            for k, v in targets.items()
+        }
+    else:
+        args = {k: ocp.args.StandardRestore(v) for k, v in targets.items()}
     with quiet_read_only_notices():  # the options log them when they are made
         options = ocp.CheckpointManagerOptions(
             read_only=True,

@@ -107,14 +107,14 @@ def build(args, sampling):
     import jax
 
     from spmd import checkpoint
-    from spmd.data.tokenizer import ByteTokenizer, load_tokenizer
+    from spmd.data.tokenizer import ByteTokenizer, checkpoint_tokenizer, load_tokenizer
     from spmd.inference import Generator
     from spmd.layout import Layout
     from spmd.models import get_model
 
     run_cfg = checkpoint.load_run_config(args.ckpt_dir, args.step)
     model = get_model(run_cfg["model"], dict(run_cfg.get("overrides") or {}))
-    tokenizer = load_tokenizer(run_cfg.get("tokenizer"))
+    tokenizer = load_tokenizer(checkpoint_tokenizer(run_cfg.get("tokenizer"), args.ckpt_dir))
     stop = tuple(tuple(int(i) for i in tokenizer.encode(s)) for s in args.stop)
     sampling = dataclasses.replace(
         sampling,

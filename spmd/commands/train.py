@@ -58,6 +58,7 @@ def add_parser(sub) -> None:
     field("keep", type=positive_int, help="checkpoints to keep")
     p.add_argument("--resume", action="store_true", help="continue from the newest valid ckpt")
     p.add_argument("--sync-ckpt", action="store_true", help="block on every save (for comparison)")
+    field("init_from", metavar="CKPT", help="fine-tune: start from this checkpoint's weights")
 
 
 def _field_adder(p):
@@ -86,10 +87,11 @@ def config_from_args(args) -> TrainConfig:
 
 
 def run(args) -> int:
+    from spmd.train.init_from import resolve
     from spmd.train.outputs import check_output_paths
     from spmd.train.trainer import run
 
-    cfg = config_from_args(args)
+    cfg = resolve(config_from_args(args))  # --mesh auto plans for --init-from's model
     check_output_paths(cfg)  # before anything slow: --mesh auto compiles next
     if cfg.mesh == "auto":  # the planner picks the layout for the devices JAX sees
         from spmd.compiler.planner import plan_mesh_for_train

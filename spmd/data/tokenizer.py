@@ -17,6 +17,9 @@ from spmd.errors import SpmdError
 
 PAD_MULTIPLE = 128
 EOS_TOKEN = "<|endoftext|>"
+# End-of-document tokens looked for in order: ours, then Llama 1/2's and Llama 3's (a
+# tokenizer.json carried across from a Hugging Face checkpoint).
+EOS_TOKENS = (EOS_TOKEN, "</s>", "<|end_of_text|>")
 
 
 def padded(n: int) -> int:
@@ -53,9 +56,10 @@ class BPETokenizer:
         except Exception as e:  # the library raises bare Exceptions for bad files
             reason = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise SpmdError(f"--tokenizer {path} is not a tokenizers JSON file: {reason}") from None
-        eos = self._tok.token_to_id(EOS_TOKEN)
+        ids = [self._tok.token_to_id(token) for token in EOS_TOKENS]
+        eos = next((i for i in ids if i is not None), None)
         if eos is None:
-            raise SpmdError(f"--tokenizer {path} has no {EOS_TOKEN} token")
+            raise SpmdError(f"--tokenizer {path} has no {' or '.join(EOS_TOKENS)} token")
         self.name, self.eos_id = f"bpe:{Path(path).name}", int(eos)
         self.vocab_size = padded(self._tok.get_vocab_size())
 
@@ -77,6 +81,16 @@ def load_tokenizer(path: str | None):
         problem = "is a folder, not a JSON file" if Path(path).is_dir() else "does not exist"
         raise SpmdError(f"--tokenizer {path} {problem}")
     return BPETokenizer(path)
+
+
+def checkpoint_tokenizer(recorded: str | None, ckpt_dir: str) -> str | None:
+    """The tokenizer a checkpoint's config names, or, when that path is gone (the folder was
+    copied or moved), the `tokenizer.json` inside the checkpoint folder (`spmd convert`
+    puts one there)."""
+    beside = Path(ckpt_dir) / "tokenizer.json"
+    if recorded and not Path(recorded).is_file() and beside.is_file():
+        return str(beside.absolute())
+    return recorded
 
 
 def train_bpe(texts: Iterable[str], vocab: int, out: str) -> int:

@@ -79,6 +79,10 @@ def _convert(key: str, raw, kind):
         return raw
     if isinstance(kind, types.UnionType):
         kind = typing.get_args(kind)[0]
+    if kind is bool:  # bool("false") is True
+        if raw.lower() not in ("true", "false"):
+            raise SpmdError(f"model field {key}={raw!r} must be true or false")
+        return raw.lower() == "true"
     try:
         return kind(raw) if kind in (int, float, str) else raw
     except ValueError:

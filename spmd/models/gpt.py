@@ -55,6 +55,7 @@ class GPTConfig:
     scan_unroll: int = 1
     loss_chunks: int = 0  # rows of the loss computed at a time: 0 picks enough (loss.py)
     attention: str = "auto"  # an implementation of attention.py; auto: per backend
+    tie_embeddings: bool = False  # the head is the embedding table's transpose (no `head`)
 
     def __post_init__(self):
         for name in (
@@ -105,7 +106,7 @@ def param_specs(cfg: GPTConfig) -> dict:
     std = cfg.init_std
     # GPT-2's scaled init for the projections that write into the residual stream.
     out_std = std / math.sqrt(2 * l)
-    return {
+    specs = {
         "embed": ParamSpec((v, d), ("vocab", "embed"), normal(std)),
         "layers": {
             "attn_norm": ParamSpec((l, d), ("layers", None), ones),
@@ -121,6 +122,9 @@ def param_specs(cfg: GPTConfig) -> dict:
         "final_norm": ParamSpec((d,), (None,), ones),
         "head": ParamSpec((d, v), ("embed", "vocab"), normal(std)),
     }
+    if cfg.tie_embeddings:
+        del specs["head"]
+    return specs
 
 
 def rms_norm(x, scale, eps):
@@ -243,10 +247,17 @@ def hidden_states(params, tokens_bt, cfg: GPTConfig):
     return rms_norm(x, params["final_norm"], cfg.norm_eps)
 
 
+def head_matrix(params):
+    """The output head (d, v): its own weight, or the tied embedding table's transpose."""
+    return params["head"] if "head" in params else params["embed"].T
+
+
 def logits_from_hidden(params, x_btd):
     b, t, d = x_btd.shape
     logits = jnp.einsum(
-        "nd,dv->nv", x_btd.reshape(b * t, d).astype(jnp.float32), params["head"].astype(jnp.float32)
+        "nd,dv->nv",
+        x_btd.reshape(b * t, d).astype(jnp.float32),
+        head_matrix(params).astype(jnp.float32),
     )
     return constrain(logits.reshape(b, t, -1), ("batch", "length", "vocab"))
 
@@ -259,7 +270,7 @@ def forward(params, tokens_bt, cfg: GPTConfig):
 def loss_fn(params, batch, cfg: GPTConfig):
     """Mean next-token cross-entropy. batch: `inputs` and `targets`, both (b, t) int32."""
     x = hidden_states(params, batch["inputs"], cfg)
-    head = constrain(params["head"].astype(cfg.dtype), ("embed", "vocab"))  # gathered cast
+    head = constrain(head_matrix(params).astype(cfg.dtype), ("embed", "vocab"))  # gathered cast
     with jax.named_scope("loss"):
         return cross_entropy(x, head, batch["targets"], cfg.loss_chunks)
 

@@ -40,6 +40,8 @@ class TrainConfig:
     keep: int = 3
     resume: bool = False
     async_ckpt: bool = True
+    # Fine-tuning (spmd/train/init_from.py): start from this checkpoint's weights and model.
+    init_from: str | None = None
 
     def __post_init__(self):
         counts = ("steps", "batch", "seq", "grad_accum", "eval_batches", "ckpt_every", "keep")

@@ -28,7 +28,7 @@ from spmd.distributed import AnyProcess, is_main_process
 from spmd.errors import SpmdError
 from spmd.layout import Layout
 from spmd.rules import Rules
-from spmd.train import monitor, resume
+from spmd.train import init_from, monitor, resume
 from spmd.train.config import TrainConfig
 from spmd.train.lock import RunLock
 from spmd.train.outputs import check_output_paths
@@ -126,6 +126,7 @@ def _train(cfg: TrainConfig, rules: Rules | None, argv: list[str] | None) -> dic
 
 def setup(cfg: TrainConfig, rules: Rules | None = None) -> Run:
     check_output_paths(cfg)  # a bad output path must not cost a compile, or a whole run
+    cfg = init_from.resolve(cfg)
     tokenizer = load_tokenizer(cfg.tokenizer)
     cfg = _with_tokenizer_vocab(cfg, tokenizer)
     model = cfg.build_model(tokenizer.vocab_size)
@@ -205,6 +206,8 @@ def _initial_state(cfg: TrainConfig, program: TrainProgram, loader: PackedLoader
         if cfg.resume:
             ckpt.warn(f"--resume: no checkpoint in {cfg.ckpt_dir} yet; starting from step 0")
         init_key, rng = jax.random.split(rng)
+        if cfg.init_from:
+            return init_from.start_state(program, cfg.init_from), 0, {"rng": _key_to_json(rng)}
         return program.init_state(init_key), 0, {"rng": _key_to_json(rng)}
     step, state, meta, saved = found
     _check_compatible(cfg, saved, step)
