@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
 .PHONY: install test test-fast lint train seed compile-time clean bench-ckpt generate \
-	bench-inference strategies bench-attention bench bench-gpu scaling
+	bench-inference strategies bench-attention bench bench-gpu scaling flax-model
 
 install: $(STAMP)
 
@@ -76,3 +76,7 @@ bench-gpu:
 # gpt-small (fsdp=N) on 1, 2, 4, 8 simulated CPU devices: strong and weak scaling, measured vs predicted.
 scaling: $(STAMP)
 	$(PY) -m experiments.scaling
+
+# A small Flax NNX transformer trained by spmd on fsdp=4,tensor=2, beside the same run on one device.
+flax-model: $(STAMP)
+	$(PY) -m experiments.flax_model

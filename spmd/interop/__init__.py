@@ -1,0 +1,1 @@
+"""Bring your own model: Flax modules and Hugging Face checkpoints in."""
