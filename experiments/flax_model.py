@@ -111,7 +111,12 @@ def batches(steps: int, batch: int, seq: int, seed: int = 0) -> list[dict]:
 def train(layout, cfg: TinyLMConfig, data: list[dict], optimizer=None, seed: int = 0):
     """(per-step losses, final TrainState) of `data`'s batches on `layout`."""
     batch, seq = data[0]["inputs"].shape
-    optimizer = optimizer or optim.OptimConfig(lr=3e-3, warmup_steps=2, total_steps=len(data))
+    # At lr 3e-3 (and Adam's eps 1e-8) the loss spikes near step 12 and the spike amplifies
+    # float32 rounding: the two layouts then drift 1.4e-3 apart by step 30. At 1e-3 and eps
+    # 1e-6 (test_parity's reason) training is smooth and they agree to 4e-7 over 30 steps.
+    optimizer = optimizer or optim.OptimConfig(
+        lr=1e-3, warmup_steps=2, total_steps=len(data), eps=1e-6
+    )
     program = TrainProgram.for_tokens(model(cfg), layout, batch, seq, optimizer=optimizer)
     step = program.compile()
     state = program.init_state(jax.random.key(seed))
