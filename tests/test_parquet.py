@@ -149,3 +149,21 @@ def test_train_and_resume_on_parquet(corpora, tmp_path, env):
     config = load_run_config(ckpt, 3)
     streams = token_streams(corpus.iter_documents(pq_path), ByteTokenizer())
     assert config["data_sha256"] == streams.sha256
+
+
+def test_corruption_inside_a_file_is_named_with_its_row(tmp_path):
+    """The rows before the damage stream out first (reading is lazy); the damage itself
+    is one line naming the file and the row, never a pyarrow traceback."""
+    path = tmp_path / "mid.parquet"
+    texts = [f"document number {i} " * 20 for i in range(4000)]
+    pq.write_table(pa.table({"text": texts}), path, row_group_size=500, compression="zstd")
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 2
+    data[middle : middle + 2000] = bytes((b * 7 + 13) % 256 for b in data[middle : middle + 2000])
+    path.write_bytes(bytes(data))
+    seen = []
+    with pytest.raises(SpmdError, match=rf"cannot read row \d+ of {path}") as e:
+        seen.extend(corpus.iter_documents(str(path)))
+    assert "\n" not in str(e.value)
+    row = int(str(e.value).split("row ")[1].split()[0])
+    assert 1 < row < 4000 and len(seen) == row - 1  # every row before it came out
