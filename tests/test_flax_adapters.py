@@ -194,3 +194,32 @@ def test_the_flax_model_experiment_runs_tiny():
     assert result["state"].params["blocks"]["0"]["qkv"].sharding.spec == P(
         "fsdp", None, "tensor", None
     )
+
+
+def test_nnx_list_items_are_matched_by_name_not_position():
+    """Twelve layers: their engine keys "0".."11" sort as "0", "1", "10", "11", "2", ...;
+    applying the module must still use layer i's kernel at depth i."""
+
+    class Deep(nnx.Module):
+        def __init__(self, rngs):
+            init = nnx.with_partitioning(nnx.initializers.normal(1.0), ("embed", "mlp"))
+            self.layers = nnx.List(
+                [nnx.Linear(4, 4, use_bias=False, kernel_init=init, rngs=rngs) for _ in range(12)]
+            )
+
+        def __call__(self, x):
+            for layer in self.layers:
+                x = jnp.tanh(layer(x))
+            return x
+
+    model = nnx_model(Deep, loss=lambda forward, b: jnp.mean(forward(b["x"])),
+                      batch_axes={"x": ("batch", None)})  # fmt: skip
+    params = model.init(jax.random.key(0))
+    assert sorted(params["layers"]) == sorted(str(i) for i in range(12))
+    assert model.specs()["layers"]["11"]["kernel"].axes == ("embed", "mlp")
+    x = jnp.ones((2, 4))
+    want = x
+    for i in range(12):
+        want = jnp.tanh(want @ params["layers"][str(i)]["kernel"])
+    np.testing.assert_allclose(model.cfg.apply(params, x), want, rtol=1e-6)
+    assert float(model.loss(params, {"x": x})) == pytest.approx(float(jnp.mean(want)), rel=1e-6)
