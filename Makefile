@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
 .PHONY: install test test-fast lint train seed compile-time clean bench-ckpt generate \
-	bench-inference strategies bench-attention bench bench-gpu scaling bench-convert
+	bench-inference strategies bench-attention bench bench-gpu scaling bench-convert flax-model
 
 install: $(STAMP)
 
@@ -88,3 +88,7 @@ scaling: $(STAMP)
 # Time and peak host memory of `spmd convert` each way for a random gpt-350m-shaped Llama.
 bench-convert: $(INTEROP)
 	$(PY) -m experiments.hf_convert
+
+# A small Flax NNX transformer trained by spmd on fsdp=4,tensor=2, beside the same run on one device.
+flax-model: $(STAMP)
+	$(PY) -m experiments.flax_model

@@ -1,7 +1,8 @@
 """Text sources: the Python standard library's own source (the default), or user files.
 
 The stdlib is real text present on every machine, so the default run downloads nothing.
-A corpus is a list of `(name, text)` documents in a stable order.
+A corpus is a sequence of `(name, text)` documents in a stable order; `iter_documents` yields
+it lazily (a Parquet file streams a record batch at a time), `load_documents` as a list.
 """
 
 from __future__ import annotations
@@ -13,12 +14,15 @@ import json
 import os
 import sysconfig
 import zlib
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+from spmd.data import parquet
 from spmd.errors import SpmdError
 
 Document = tuple[str, str]
-TEXT_SUFFIXES = (".txt", ".md", ".py", ".rst", ".jsonl")
+VAL_FRACTION = 0.02
+TEXT_SUFFIXES = (".txt", ".md", ".py", ".rst", ".jsonl", parquet.SUFFIX)
 
 
 def stdlib_documents() -> list[Document]:
@@ -33,30 +37,52 @@ def stdlib_documents() -> list[Document]:
 
 
 def load_documents(path: str | None) -> list[Document]:
-    """`None` -> the stdlib; else a text file, a folder of text files, a glob, or `.jsonl`."""
+    """`None` -> the stdlib; else a text file, a folder of text files, a glob, `.jsonl` or
+    `.parquet` (all of it in memory: `iter_documents` streams)."""
     if path is None:
         return stdlib_documents()
+    return list(iter_documents(path))
+
+
+def iter_documents(path: str | None) -> Iterator[Document]:
+    """The documents of `load_documents(path)`, in the same order, one file at a time (a
+    Parquet file one record batch at a time). Empty documents are left out."""
+    if path is None:
+        yield from stdlib_documents()
+        return
     root, files = _resolve(path)
-    docs: list[Document] = []
+    found = False
     for f in files:
         name = f.relative_to(root).as_posix()
-        docs.extend(_jsonl(f, name) if f.suffix == ".jsonl" else [(name, _read(f))])
-    docs = [d for d in docs if d[1].strip()]
-    if not docs:
+        for doc in _file_documents(f, name):
+            if doc[1].strip():
+                found = True
+                yield doc
+    if not found:
         raise SpmdError(f"--data {path} holds no text")
-    return docs
 
 
-def fingerprint(docs: list[Document]) -> str:
+def _file_documents(f: Path, name: str) -> Iterable[Document]:
+    if parquet.is_parquet(f):
+        return parquet.documents(f, name)
+    return _jsonl(f, name) if f.suffix == ".jsonl" else [(name, _read(f))]
+
+
+def fingerprint(docs: Iterable[Document]) -> str:
     """sha256 over every document's name and text, in order: equal exactly when the batch
     sequence is (names decide the validation split). About 50 ms for the stdlib's 30 MB."""
     digest = hashlib.sha256()
     for doc in docs:
-        for part in doc:
-            data = part.encode("utf-8", "surrogatepass")
-            digest.update(len(data).to_bytes(8, "little"))  # no two splits hash alike
-            digest.update(data)
+        add_to_fingerprint(digest, doc)
     return digest.hexdigest()
+
+
+def add_to_fingerprint(digest, doc: Document) -> None:
+    """One more document into a running `fingerprint` (a hashlib sha256)."""
+    for part in doc:
+        data = part.encode("utf-8", "surrogatepass")
+        digest.update(len(data).to_bytes(8, "little"))  # no two splits hash alike
+        digest.update(data)
 
 
 def _resolve(path: str) -> tuple[Path, list[Path]]:
@@ -113,13 +139,17 @@ def _jsonl(path: Path, name: str) -> list[Document]:
     return docs
 
 
-def split_documents(docs: list[Document], val_fraction: float = 0.02):
+def split_documents(docs: list[Document], val_fraction: float = VAL_FRACTION):
     """A held-out split by document, stable under reordering: it hashes each name."""
-    bucket = max(1, round(1 / val_fraction)) if val_fraction > 0 else 0
     train, val = [], []
     for doc in docs:
-        is_val = bucket and zlib.crc32(doc[0].encode()) % bucket == 0
-        (val if is_val else train).append(doc)
+        (val if is_validation(doc[0], val_fraction) else train).append(doc)
     if not train:
         train, val = val, []
     return train, val
+
+
+def is_validation(name: str, val_fraction: float = VAL_FRACTION) -> bool:
+    """Whether the document of this name is held out (about `val_fraction` of them are)."""
+    bucket = max(1, round(1 / val_fraction)) if val_fraction > 0 else 0
+    return bool(bucket) and zlib.crc32(name.encode()) % bucket == 0

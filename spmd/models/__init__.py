@@ -22,9 +22,18 @@ class Model:
     param_specs: Callable[[Any], Any]
     loss_fn: Callable[[Any, Any, Any], Any]
     batch_axes: Mapping[str, tuple]
+    # `(cfg, key) -> params` for models whose parameters are created together (a Flax module,
+    # spmd.interop.flax_adapter); None: each ParamSpec's own initializer, keyed by position.
+    init_fn: Callable[[Any, Any], Any] | None = None
 
     def specs(self):
         return self.param_specs(self.cfg)
+
+    def init(self, key):
+        """Unsharded parameter values; jit this with `out_shardings` to create them sharded."""
+        if self.init_fn is None:
+            return param_lib.init_unsharded(self.specs(), key)
+        return self.init_fn(self.cfg, key)
 
     def loss(self, params, batch):
         return self.loss_fn(params, batch, self.cfg)

@@ -17,10 +17,11 @@ from spmd.data.corpus import Document
 from spmd.errors import SpmdError
 
 
-def data_identity(path: str | None, docs: list[Document]) -> dict:
-    """What a checkpoint's config records about the data (computed once, at loading)."""
+def data_identity(path: str | None, docs: list[Document] | str) -> dict:
+    """What a checkpoint's config records about the data (computed once, at loading):
+    `docs` are the documents, or their `corpus.fingerprint` already taken while streaming."""
     return {
-        "data_sha256": corpus.fingerprint(docs),
+        "data_sha256": docs if isinstance(docs, str) else corpus.fingerprint(docs),
         "data_abspath": os.path.abspath(path) if path else None,
     }
 

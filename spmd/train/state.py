@@ -47,7 +47,7 @@ def abstract_state(model: Model, opt: optax.GradientTransformation, shardings: T
 
 
 def fresh_state(model: Model, opt: optax.GradientTransformation, key) -> TrainState:
-    params = param_lib.init_unsharded(model.specs(), key)
+    params = model.init(key)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt.init(params))
 
 

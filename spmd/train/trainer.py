@@ -23,7 +23,8 @@ from spmd.compiler import cost
 from spmd.compiler.program import TrainProgram
 from spmd.data import corpus
 from spmd.data.loader import PackedLoader
-from spmd.data.tokenizer import load_tokenizer, tokenize_documents
+from spmd.data.stream import token_streams
+from spmd.data.tokenizer import load_tokenizer
 from spmd.distributed import AnyProcess, is_main_process
 from spmd.errors import SpmdError
 from spmd.layout import Layout
@@ -178,15 +179,12 @@ def _with_tokenizer_vocab(cfg: TrainConfig, tokenizer) -> TrainConfig:
 
 
 def _loaders(cfg: TrainConfig, tokenizer, rows: range):
-    docs = corpus.load_documents(cfg.data)
-    data_id = resume.data_identity(cfg.data, docs)
-    train_docs, val_docs = corpus.split_documents(docs)
-    loader = PackedLoader(
-        tokenize_documents(train_docs, tokenizer), cfg.batch, cfg.seq, cfg.seed, rows
-    )
+    streams = token_streams(corpus.iter_documents(cfg.data), tokenizer)  # one lazy pass
+    data_id = resume.data_identity(cfg.data, streams.sha256)
+    loader = PackedLoader(streams.train, cfg.batch, cfg.seq, cfg.seed, rows)
     if not cfg.eval_every:
         return loader, None, data_id
-    val_tokens = tokenize_documents(val_docs, tokenizer)
+    val_tokens = streams.val
     if len(val_tokens) <= cfg.batch * cfg.seq:
         raise SpmdError(
             f"--eval-every needs a validation split of more than {cfg.batch}x{cfg.seq} tokens, "
