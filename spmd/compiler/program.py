@@ -26,7 +26,12 @@ from spmd.train import optim, state, step
 
 # The flags that set a model field, so that `--set remat=full` and `--remat dots` cannot
 # silently overrule each other.
-FIELD_FLAGS = {"remat": "--remat", "compute_dtype": "--dtype", "attention": "--attention"}
+FIELD_FLAGS = {
+    "remat": "--remat",
+    "compute_dtype": "--dtype",
+    "attention": "--attention",
+    "context_parallel": "--context-parallel",
+}
 
 
 def build_model(
@@ -37,11 +42,15 @@ def build_model(
     dtype: str | None = None,
     attention: str | None = None,
     seq: int | None = None,
+    context_parallel: str | None = None,
 ) -> Model:
-    """A preset with `--set` overrides, plus `--remat` / `--dtype` / `--attention` when given
-    (None: the model's own), checked against the sequence length."""
+    """A preset with `--set` overrides, plus `--remat` / `--dtype` / `--attention` /
+    `--context-parallel` when given (None: the model's own), checked against the sequence
+    length."""
     fields = dict(overrides or {})
-    for field, value in (("remat", remat), ("compute_dtype", dtype), ("attention", attention)):
+    flags = (("remat", remat), ("compute_dtype", dtype), ("attention", attention),
+             ("context_parallel", context_parallel))  # fmt: skip
+    for field, value in flags:
         if value is None:
             continue
         if field in fields and str(fields[field]) != value:

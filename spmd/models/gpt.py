@@ -18,12 +18,14 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
 from spmd.errors import SpmdError
 from spmd.models.attention import IMPLEMENTATIONS as ATTENTION
 from spmd.models.attention import causal_attention
 from spmd.models.loss import cross_entropy
+from spmd.parallel import ring_attention
 from spmd.params import ParamSpec, normal, ones
 from spmd.rules import ROWS, constrain
 
@@ -55,6 +57,8 @@ class GPTConfig:
     scan_unroll: int = 1
     loss_chunks: int = 0  # rows of the loss computed at a time: 0 picks enough (loss.py)
     attention: str = "auto"  # an implementation of attention.py; auto: per backend
+    # Context parallelism (a `sequence` mesh axis): ring or allgather (ring_attention.py).
+    context_parallel: str = "ring"
 
     def __post_init__(self):
         for name in (
@@ -77,6 +81,11 @@ class GPTConfig:
             )
         if self.attention not in ATTENTION:
             raise SpmdError(f"attention={self.attention!r} must be one of {', '.join(ATTENTION)}")
+        if self.context_parallel not in ring_attention.MODES:
+            raise SpmdError(
+                f"context_parallel={self.context_parallel!r} must be one of "
+                f"{', '.join(ring_attention.MODES)}"
+            )
         if not isinstance(self.loss_chunks, int) or self.loss_chunks < 0:
             raise SpmdError(f"loss_chunks={self.loss_chunks!r} must be 0 (auto) or positive")
         if self.head_dim % 2:
@@ -178,7 +187,9 @@ def block(x_btd, p, cos, sin, cfg: GPTConfig):
     with jax.named_scope("attention"):
         h = rms_norm(x_btd, p["attn_norm"], cfg.norm_eps)
         q, k, v = qkv(h, p, cos, sin, cfg)
-        o = checkpoint_name(causal_attention(q, k, v, cfg.attention), "attention_out")
+        o = checkpoint_name(
+            causal_attention(q, k, v, cfg.attention, cfg.context_parallel), "attention_out"
+        )
         x_btd = x_btd + attn_out(o, p, cfg)
     with jax.named_scope("mlp"):
         h = rms_norm(x_btd, p["mlp_norm"], cfg.norm_eps)
@@ -228,11 +239,13 @@ def _is_spec(x) -> bool:
     return isinstance(x, ParamSpec)
 
 
-def hidden_states(params, tokens_bt, cfg: GPTConfig):
-    """The final-norm hidden states (b, t, d) of a causal pass over `tokens_bt`."""
+def hidden_states(params, tokens_bt, cfg: GPTConfig, positions_t=None):
+    """The final-norm hidden states (b, t, d) of a causal pass over `tokens_bt`, whose
+    positions are `positions_t` (default 0..t-1; a permutation under context parallelism)."""
     b, t = tokens_bt.shape
     x = embed(params, tokens_bt, cfg)
-    cos, sin = rope_tables(jnp.broadcast_to(jnp.arange(t), (b, t)), cfg.head_dim, cfg.rope_theta)
+    positions_t = jnp.arange(t) if positions_t is None else positions_t
+    cos, sin = rope_tables(jnp.broadcast_to(positions_t, (b, t)), cfg.head_dim, cfg.rope_theta)
 
     def body(x, layer_params):
         return block(x, layer_params, cos, sin, cfg), None
@@ -251,17 +264,32 @@ def logits_from_hidden(params, x_btd):
     return constrain(logits.reshape(b, t, -1), ("batch", "length", "vocab"))
 
 
+def in_context_order(*arrays_bt):
+    """The sequence order the traced layout runs in: (positions or None, arrays permuted).
+    Context parallelism runs in ring_attention's zig-zag order; else nothing moves."""
+    order = ring_attention.context_order(arrays_bt[0].shape[1])
+    if order is None:
+        return None, arrays_bt
+    return order, tuple(constrain(a[:, order], ("batch", "length")) for a in arrays_bt)
+
+
 def forward(params, tokens_bt, cfg: GPTConfig):
     """Logits (b, t, v) in float32."""
-    return logits_from_hidden(params, hidden_states(params, tokens_bt, cfg))
+    order, (tokens_bt,) = in_context_order(tokens_bt)
+    logits = logits_from_hidden(params, hidden_states(params, tokens_bt, cfg, order))
+    if order is None:
+        return logits
+    return constrain(logits[:, np.argsort(order)], ("batch", "length", "vocab"))
 
 
 def loss_fn(params, batch, cfg: GPTConfig):
     """Mean next-token cross-entropy. batch: `inputs` and `targets`, both (b, t) int32."""
-    x = hidden_states(params, batch["inputs"], cfg)
+    # Inputs and targets permuted alike: the mean over all positions is unchanged.
+    order, (inputs, targets) = in_context_order(batch["inputs"], batch["targets"])
+    x = hidden_states(params, inputs, cfg, order)
     head = constrain(params["head"].astype(cfg.dtype), ("embed", "vocab"))  # gathered cast
     with jax.named_scope("loss"):
-        return cross_entropy(x, head, batch["targets"], cfg.loss_chunks)
+        return cross_entropy(x, head, targets, cfg.loss_chunks)
 
 
 BATCH_AXES = {"inputs": ("batch", "length"), "targets": ("batch", "length")}
