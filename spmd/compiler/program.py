@@ -22,6 +22,7 @@ import optax
 from spmd.errors import SpmdError
 from spmd.layout import Layout, sharded_structs
 from spmd.models import Model, get_model
+from spmd.parallel import ring_attention
 from spmd.train import optim, state, step
 
 # The flags that set a model field, so that `--set remat=full` and `--remat dots` cannot
@@ -102,6 +103,8 @@ class TrainProgram:
         optimizer: optim.OptimConfig | None = None,
     ) -> TrainProgram:
         """A language model's program: every batch entry is `(batch, seq)` token ids."""
+        # Before the batch's shardings, whose error would not say why it takes 2*sequence.
+        ring_attention.check_length(seq, ring_attention.shards(layout.mesh, layout.rules))
         tx, schedule = optim.make_optimizer(optimizer or optim.OptimConfig())
         tokens = jax.ShapeDtypeStruct((batch, seq), np.int32)
         return cls(model, layout, {k: tokens for k in model.batch_axes}, tx, schedule, grad_accum)

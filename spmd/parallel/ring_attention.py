@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from spmd.errors import SpmdError
-from spmd.rules import current_context, logical_to_spec
+from spmd.rules import Rules, current_context, logical_to_spec
 
 MODES = ("ring", "allgather")
 NEG = float(jnp.finfo(jnp.float32).min)
@@ -44,23 +44,30 @@ Q_AXES = ("batch", "length", "heads", None)
 KV_AXES = ("batch", "length", "kv_heads", None)
 
 
-def sequence_axes() -> tuple[str, ...]:
-    """The mesh axes (of size > 1) that split `length` in the traced layout; () if none."""
-    ctx = current_context()
-    if ctx is None:
-        return ()
-    sizes = dict(ctx.mesh.shape)
-    return tuple(a for a in ctx.rules.mesh_axes("length") if sizes.get(a, 1) > 1)
+def sequence_axes(mesh=None, rules: Rules | None = None) -> tuple[str, ...]:
+    """The mesh axes (of size > 1) that split `length`; by default in the traced layout."""
+    if mesh is None:
+        ctx = current_context()
+        if ctx is None:
+            return ()
+        mesh, rules = ctx.mesh, ctx.rules
+    sizes = dict(mesh.shape)
+    return tuple(a for a in (rules or Rules()).mesh_axes("length") if sizes.get(a, 1) > 1)
 
 
-def shards() -> int:
-    """How many ways the traced layout splits the sequence (1: no context parallelism)."""
-    ctx = current_context()
-    return math.prod(ctx.mesh.shape[a] for a in sequence_axes()) if ctx else 1
+def shards(mesh=None, rules: Rules | None = None) -> int:
+    """How many ways the sequence is split (1: no context parallelism); by default in the
+    traced layout."""
+    if mesh is None:
+        ctx = current_context()
+        if ctx is None:
+            return 1
+        mesh, rules = ctx.mesh, ctx.rules
+    return math.prod(mesh.shape[a] for a in sequence_axes(mesh, rules))
 
 
 def check_length(t: int, s: int) -> None:
-    if t % (2 * s):
+    if s > 1 and t % (2 * s):
         raise SpmdError(
             f"seq={t} is not divisible by 2*sequence={2 * s}: context parallelism's zig-zag "
             f"split gives each of the {s} sequence shards two equal chunks of the sequence"
