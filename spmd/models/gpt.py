@@ -298,8 +298,12 @@ def loss_fn(params, batch, cfg: GPTConfig):
     order, (inputs, targets) = in_context_order(batch["inputs"], batch["targets"])
     x = hidden_states(params, inputs, cfg, order)
     head = constrain(params["head"].astype(cfg.dtype), ("embed", "vocab"))  # gathered cast
+    rows = ROWS
+    if order is not None:  # rows in an order that flattens without moving data
+        x, targets = (ring_attention.shard_major(a, ring_attention.shards()) for a in (x, targets))
+        rows = ring_attention.SHARD_MAJOR_ROWS
     with jax.named_scope("loss"):
-        return cross_entropy(x, head, targets, cfg.loss_chunks)
+        return cross_entropy(x, head, targets, cfg.loss_chunks, rows)
 
 
 BATCH_AXES = {"inputs": ("batch", "length"), "targets": ("batch", "length")}

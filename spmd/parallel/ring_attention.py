@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from spmd.errors import SpmdError
-from spmd.rules import Rules, current_context, logical_to_spec
+from spmd.rules import Rules, constrain, current_context, logical_to_spec
 
 MODES = ("ring", "allgather")
 NEG = float(jnp.finfo(jnp.float32).min)
@@ -87,6 +87,20 @@ def context_order(t: int) -> np.ndarray | None:
     layout does not split the sequence (then nothing is permuted)."""
     s = shards()
     return zigzag_order(t, s) if s > 1 else None
+
+
+# The merged (shard, batch) rows of `shard_major`: sequence shards major, then batch.
+SHARD_MAJOR_ROWS = ("length", "batch")
+
+
+def shard_major(x_bt_, s: int):
+    """(b, t, ...) -> (S*b, t/S, ...), the S sequence shards leading: each device's block is
+    then contiguous, so flattening into rows moves no data (merging a split length after
+    the batch would cost an all-to-all). Only for row-order-free uses, like a mean loss."""
+    b, t = x_bt_.shape[:2]
+    x = x_bt_.reshape(b, s, t // s, *x_bt_.shape[2:]).swapaxes(0, 1)
+    x = x.reshape(s * b, t // s, *x_bt_.shape[2:])
+    return constrain(x, (SHARD_MAJOR_ROWS, *([None] * (x.ndim - 1))))
 
 
 def attention(q_bthk, k_bsgk, v_bsgk, mode: str = "ring"):
