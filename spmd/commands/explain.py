@@ -7,6 +7,7 @@ import sys
 from spmd.cli import positive_int
 from spmd.models.attention import IMPLEMENTATIONS as ATTENTION
 from spmd.models.gpt import DTYPES, REMAT_POLICIES
+from spmd.parallel.ring_attention import MODES as CONTEXT_PARALLEL
 
 # It compiles on simulated devices only: never join a multi-process job.
 RUNS_JAX = False
@@ -20,6 +21,9 @@ def add_parser(sub) -> None:
     p.add_argument("--mesh", default="data=-1", help="e.g. fsdp=4,tensor=2 (default: data=-1)")
     p.add_argument("--remat", choices=REMAT_POLICIES, help="default: the model's own (none)")
     p.add_argument("--attention", choices=ATTENTION, help="attention kernel (default: auto)")
+    p.add_argument(
+        "--context-parallel", choices=CONTEXT_PARALLEL, help="with sequence > 1 (default: ring)"
+    )
     p.add_argument("--grad-accum", type=positive_int, default=1)
     p.add_argument("--top", type=positive_int, default=8, help="largest parameters to list")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
@@ -77,6 +81,7 @@ def run(args) -> int:
         grad_accum=args.grad_accum,
         dtype=args.dtype,
         attention=args.attention,
+        context_parallel=args.context_parallel,
         overrides=parse_overrides(args.overrides),
         hlo_path=args.hlo,
     )

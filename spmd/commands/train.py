@@ -14,6 +14,7 @@ import sys
 from spmd.cli import positive_int
 from spmd.models.attention import IMPLEMENTATIONS as ATTENTION
 from spmd.models.gpt import DTYPES, REMAT_POLICIES
+from spmd.parallel.ring_attention import MODES as CONTEXT_PARALLEL
 from spmd.train.config import TrainConfig
 
 DEFAULTS = TrainConfig()
@@ -37,6 +38,11 @@ def add_parser(sub) -> None:
     field("remat", choices=REMAT_POLICIES, help="default: the model's own (none)")
     field("dtype", choices=list(DTYPES), help="compute dtype (default: the model's own)")
     field("attention", choices=ATTENTION, help="attention kernel (default: auto, per backend)")
+    field(
+        "context_parallel",
+        choices=CONTEXT_PARALLEL,
+        help="attention when the mesh has sequence > 1 (default: the model's own, ring)",
+    )
     field("lr", type=float)
     field("warmup", type=int, help="warm-up steps of the LR schedule")
     field(

@@ -22,11 +22,17 @@ import optax
 from spmd.errors import SpmdError
 from spmd.layout import Layout, sharded_structs
 from spmd.models import Model, get_model
+from spmd.parallel import ring_attention
 from spmd.train import optim, state, step
 
 # The flags that set a model field, so that `--set remat=full` and `--remat dots` cannot
 # silently overrule each other.
-FIELD_FLAGS = {"remat": "--remat", "compute_dtype": "--dtype", "attention": "--attention"}
+FIELD_FLAGS = {
+    "remat": "--remat",
+    "compute_dtype": "--dtype",
+    "attention": "--attention",
+    "context_parallel": "--context-parallel",
+}
 
 
 def build_model(
@@ -37,11 +43,15 @@ def build_model(
     dtype: str | None = None,
     attention: str | None = None,
     seq: int | None = None,
+    context_parallel: str | None = None,
 ) -> Model:
-    """A preset with `--set` overrides, plus `--remat` / `--dtype` / `--attention` when given
-    (None: the model's own), checked against the sequence length."""
+    """A preset with `--set` overrides, plus `--remat` / `--dtype` / `--attention` /
+    `--context-parallel` when given (None: the model's own), checked against the sequence
+    length."""
     fields = dict(overrides or {})
-    for field, value in (("remat", remat), ("compute_dtype", dtype), ("attention", attention)):
+    flags = (("remat", remat), ("compute_dtype", dtype), ("attention", attention),
+             ("context_parallel", context_parallel))  # fmt: skip
+    for field, value in flags:
         if value is None:
             continue
         if field in fields and str(fields[field]) != value:
@@ -93,6 +103,8 @@ class TrainProgram:
         optimizer: optim.OptimConfig | None = None,
     ) -> TrainProgram:
         """A language model's program: every batch entry is `(batch, seq)` token ids."""
+        # Before the batch's shardings, whose error would not say why it takes 2*sequence.
+        ring_attention.check_length(seq, ring_attention.shards(layout.mesh, layout.rules))
         tx, schedule = optim.make_optimizer(optimizer or optim.OptimConfig())
         tokens = jax.ShapeDtypeStruct((batch, seq), np.int32)
         return cls(model, layout, {k: tokens for k in model.batch_axes}, tx, schedule, grad_accum)

@@ -298,10 +298,14 @@ def explain(
     rules: Rules | None = None,
     hlo_path: str | None = None,
     attention: str | None = None,
+    context_parallel: str | None = None,
 ) -> Report:
     """Compile the train step for `model` on `mesh` (all of JAX's devices) and report it."""
     hw = cost.get_hardware(hardware)  # fail on a bad name before compiling anything
-    m = build_model(model, overrides, remat=remat, dtype=dtype, attention=attention, seq=seq)
+    m = build_model(
+        model, overrides, remat=remat, dtype=dtype, attention=attention, seq=seq,
+        context_parallel=context_parallel,
+    )  # fmt: skip
     layout = Layout.make(mesh, rules)
     batch = batch or default_batch(layout.devices)
     program = TrainProgram.for_tokens(m, layout, batch, seq, grad_accum=grad_accum)

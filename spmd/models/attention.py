@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from spmd.errors import SpmdError
+from spmd.parallel import ring_attention
 from spmd.rules import current_context
 
 IMPLEMENTATIONS = ("auto", "einsum", "xla", "blocked", "cudnn")
@@ -59,8 +60,14 @@ def _platform() -> str:
     return jax.default_backend()
 
 
-def causal_attention(q_bthk, k_bsgk, v_bsgk, impl: str = "auto"):
-    """Causal attention of queries at positions 0..t-1 over keys at 0..s-1 (t == s)."""
+def causal_attention(q_bthk, k_bsgk, v_bsgk, impl: str = "auto", context: str = "ring"):
+    """Causal attention of queries at positions 0..t-1 over keys at 0..s-1 (t == s).
+
+    Where the traced layout splits the sequence, it is context-parallel attention (`context`:
+    ring or allgather) over zig-zag-ordered q, k, v (spmd/parallel/ring_attention.py).
+    """
+    if ring_attention.shards() > 1:
+        return ring_attention.attention(q_bthk, k_bsgk, v_bsgk, context)
     impl = resolve(impl)
     if impl == "einsum":
         return attend(q_bthk, k_bsgk, v_bsgk, causal_mask(q_bthk.shape[1]))

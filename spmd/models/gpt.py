@@ -18,12 +18,14 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
 from spmd.errors import SpmdError
 from spmd.models.attention import IMPLEMENTATIONS as ATTENTION
 from spmd.models.attention import causal_attention
 from spmd.models.loss import cross_entropy
+from spmd.parallel import ring_attention
 from spmd.params import ParamSpec, normal, ones
 from spmd.rules import ROWS, constrain
 
@@ -56,6 +58,8 @@ class GPTConfig:
     loss_chunks: int = 0  # rows of the loss computed at a time: 0 picks enough (loss.py)
     attention: str = "auto"  # an implementation of attention.py; auto: per backend
     tie_embeddings: bool = False  # the head is the embedding table's transpose (no `head`)
+    # Context parallelism (a `sequence` mesh axis): ring or allgather (ring_attention.py).
+    context_parallel: str = "ring"
 
     def __post_init__(self):
         for name in (
@@ -78,6 +82,11 @@ class GPTConfig:
             )
         if self.attention not in ATTENTION:
             raise SpmdError(f"attention={self.attention!r} must be one of {', '.join(ATTENTION)}")
+        if self.context_parallel not in ring_attention.MODES:
+            raise SpmdError(
+                f"context_parallel={self.context_parallel!r} must be one of "
+                f"{', '.join(ring_attention.MODES)}"
+            )
         if not isinstance(self.loss_chunks, int) or self.loss_chunks < 0:
             raise SpmdError(f"loss_chunks={self.loss_chunks!r} must be 0 (auto) or positive")
         if self.head_dim % 2:
@@ -147,14 +156,23 @@ def apply_rope(x_bthk, cos_btk, sin_btk):
     return out.astype(x_bthk.dtype)
 
 
+def rows(x_bt_):
+    """(b, t, ...) as (b*t, ...) rows for the dense layers, whose backward pass is faster 2-D
+    on XLA:CPU. Not where the sequence is split (context parallelism): merging a split
+    length into rows is an all-to-all per dense layer, so those layers stay 3-D."""
+    if ring_attention.shards() > 1:
+        return x_bt_
+    return x_bt_.reshape(x_bt_.shape[0] * x_bt_.shape[1], *x_bt_.shape[2:])
+
+
 def qkv(x_btd, p, cos, sin, cfg: GPTConfig):
     """Projected, rotated queries (b,t,h,k) and keys/values (b,t,g,k) for one layer."""
     b, t, d = x_btd.shape
     dt = cfg.dtype
-    x_nd = x_btd.reshape(b * t, d)
-    q = jnp.einsum("nd,dhk->nhk", x_nd, p["wq"].astype(dt)).reshape(b, t, cfg.n_heads, -1)
-    k = jnp.einsum("nd,dgk->ngk", x_nd, p["wk"].astype(dt)).reshape(b, t, cfg.n_kv_heads, -1)
-    v = jnp.einsum("nd,dgk->ngk", x_nd, p["wv"].astype(dt)).reshape(b, t, cfg.n_kv_heads, -1)
+    x_nd = rows(x_btd)
+    q = jnp.einsum("...d,dhk->...hk", x_nd, p["wq"].astype(dt)).reshape(b, t, cfg.n_heads, -1)
+    k = jnp.einsum("...d,dgk->...gk", x_nd, p["wk"].astype(dt)).reshape(b, t, cfg.n_kv_heads, -1)
+    v = jnp.einsum("...d,dgk->...gk", x_nd, p["wv"].astype(dt)).reshape(b, t, cfg.n_kv_heads, -1)
     q = constrain(apply_rope(q, cos, sin), ("batch", "length", "heads", None))
     k = constrain(apply_rope(k, cos, sin), ("batch", "length", "kv_heads", None))
     v = constrain(v, ("batch", "length", "kv_heads", None))
@@ -163,18 +181,19 @@ def qkv(x_btd, p, cos, sin, cfg: GPTConfig):
 
 def attn_out(o_bthk, p, cfg: GPTConfig):
     b, t, h, k = o_bthk.shape
-    out = jnp.einsum("nhk,hkd->nd", o_bthk.reshape(b * t, h, k), p["wo"].astype(cfg.dtype))
+    out = jnp.einsum("...hk,hkd->...d", rows(o_bthk), p["wo"].astype(cfg.dtype))
     return out.reshape(b, t, -1)
 
 
 def mlp(x_btd, p, cfg: GPTConfig):
     b, t, d = x_btd.shape
     dt = cfg.dtype
-    x_nd = x_btd.reshape(b * t, d)
-    gate = jnp.einsum("nd,df->nf", x_nd, p["w_gate"].astype(dt))
-    up = jnp.einsum("nd,df->nf", x_nd, p["w_up"].astype(dt))
-    hidden = constrain(jax.nn.silu(gate) * up, (ROWS, "mlp"))
-    return jnp.einsum("nf,fd->nd", hidden, p["w_down"].astype(dt)).reshape(b, t, d)
+    x_nd = rows(x_btd)
+    gate = jnp.einsum("...d,df->...f", x_nd, p["w_gate"].astype(dt))
+    up = jnp.einsum("...d,df->...f", x_nd, p["w_up"].astype(dt))
+    row_axes = (ROWS,) if x_nd.ndim == 2 else ("batch", "length")
+    hidden = constrain(jax.nn.silu(gate) * up, (*row_axes, "mlp"))
+    return jnp.einsum("...f,fd->...d", hidden, p["w_down"].astype(dt)).reshape(b, t, d)
 
 
 def block(x_btd, p, cos, sin, cfg: GPTConfig):
@@ -182,7 +201,9 @@ def block(x_btd, p, cos, sin, cfg: GPTConfig):
     with jax.named_scope("attention"):
         h = rms_norm(x_btd, p["attn_norm"], cfg.norm_eps)
         q, k, v = qkv(h, p, cos, sin, cfg)
-        o = checkpoint_name(causal_attention(q, k, v, cfg.attention), "attention_out")
+        o = checkpoint_name(
+            causal_attention(q, k, v, cfg.attention, cfg.context_parallel), "attention_out"
+        )
         x_btd = x_btd + attn_out(o, p, cfg)
     with jax.named_scope("mlp"):
         h = rms_norm(x_btd, p["mlp_norm"], cfg.norm_eps)
@@ -232,11 +253,13 @@ def _is_spec(x) -> bool:
     return isinstance(x, ParamSpec)
 
 
-def hidden_states(params, tokens_bt, cfg: GPTConfig):
-    """The final-norm hidden states (b, t, d) of a causal pass over `tokens_bt`."""
+def hidden_states(params, tokens_bt, cfg: GPTConfig, positions_t=None):
+    """The final-norm hidden states (b, t, d) of a causal pass over `tokens_bt`, whose
+    positions are `positions_t` (default 0..t-1; a permutation under context parallelism)."""
     b, t = tokens_bt.shape
     x = embed(params, tokens_bt, cfg)
-    cos, sin = rope_tables(jnp.broadcast_to(jnp.arange(t), (b, t)), cfg.head_dim, cfg.rope_theta)
+    positions_t = jnp.arange(t) if positions_t is None else positions_t
+    cos, sin = rope_tables(jnp.broadcast_to(positions_t, (b, t)), cfg.head_dim, cfg.rope_theta)
 
     def body(x, layer_params):
         return block(x, layer_params, cos, sin, cfg), None
@@ -262,17 +285,36 @@ def logits_from_hidden(params, x_btd):
     return constrain(logits.reshape(b, t, -1), ("batch", "length", "vocab"))
 
 
+def in_context_order(*arrays_bt):
+    """The sequence order the traced layout runs in: (positions or None, arrays permuted).
+    Context parallelism runs in ring_attention's zig-zag order; else nothing moves."""
+    order = ring_attention.context_order(arrays_bt[0].shape[1])
+    if order is None:
+        return None, arrays_bt
+    return order, tuple(constrain(a[:, order], ("batch", "length")) for a in arrays_bt)
+
+
 def forward(params, tokens_bt, cfg: GPTConfig):
     """Logits (b, t, v) in float32."""
-    return logits_from_hidden(params, hidden_states(params, tokens_bt, cfg))
+    order, (tokens_bt,) = in_context_order(tokens_bt)
+    logits = logits_from_hidden(params, hidden_states(params, tokens_bt, cfg, order))
+    if order is None:
+        return logits
+    return constrain(logits[:, np.argsort(order)], ("batch", "length", "vocab"))
 
 
 def loss_fn(params, batch, cfg: GPTConfig):
     """Mean next-token cross-entropy. batch: `inputs` and `targets`, both (b, t) int32."""
-    x = hidden_states(params, batch["inputs"], cfg)
+    # Inputs and targets permuted alike: the mean over all positions is unchanged.
+    order, (inputs, targets) = in_context_order(batch["inputs"], batch["targets"])
+    x = hidden_states(params, inputs, cfg, order)
     head = constrain(head_matrix(params).astype(cfg.dtype), ("embed", "vocab"))  # gathered cast
+    rows = ROWS
+    if order is not None:  # rows in an order that flattens without moving data
+        x, targets = (ring_attention.shard_major(a, ring_attention.shards()) for a in (x, targets))
+        rows = ring_attention.SHARD_MAJOR_ROWS
     with jax.named_scope("loss"):
-        return cross_entropy(x, head, batch["targets"], cfg.loss_chunks)
+        return cross_entropy(x, head, targets, cfg.loss_chunks, rows)
 
 
 BATCH_AXES = {"inputs": ("batch", "length"), "targets": ("batch", "length")}

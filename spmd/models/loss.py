@@ -12,6 +12,8 @@ vocab-sharded logits stay sharded.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -34,33 +36,34 @@ def split_rows(x: jax.Array, chunks: int) -> jax.Array:
     return jnp.swapaxes(x.reshape(x.shape[0] // chunks, chunks, *x.shape[1:]), 0, 1)
 
 
-def _nll_sum(x_nd, head_dv, targets_n):
+def _nll_sum(x_nd, head_dv, targets_n, rows=ROWS):
     logits = jnp.einsum("nd,dv->nv", x_nd, head_dv, preferred_element_type=jnp.float32)
-    logits = constrain(logits, (ROWS, "vocab"))
+    logits = constrain(logits, (rows, "vocab"))
     onehot = jax.nn.one_hot(targets_n, head_dv.shape[-1], dtype=logits.dtype)
     target_logit = jnp.sum(logits * onehot, axis=-1)
     return jnp.sum(jax.nn.logsumexp(logits, axis=-1) - target_logit)
 
 
-def cross_entropy(x_btd, head_dv, targets_bt, chunks: int = 0):
+def cross_entropy(x_btd, head_dv, targets_bt, chunks: int = 0, rows=ROWS):
     """Mean next-token cross-entropy of hidden states `x_btd` under the output head.
 
     `chunks=0` picks `auto_chunks`; the matmul runs in `x_btd`'s dtype and accumulates, like
-    everything after it, in float32.
+    everything after it, in float32. `rows`: the logical axes that the merged leading two
+    dimensions are split over, major first (context parallelism passes its own).
     """
     b, t, d = x_btd.shape
     n = b * t
     chunks = chunks or auto_chunks(n, head_dv.shape[-1])
     if n % chunks:
         raise SpmdError(f"loss_chunks={chunks} does not divide the {b}x{t}={n} rows of the batch")
-    x_nd = constrain(x_btd.reshape(n, d), (ROWS, None))
+    x_nd = constrain(x_btd.reshape(n, d), (rows, None))
     head_dv = head_dv.astype(x_btd.dtype)
     targets_n = targets_bt.reshape(n)
     if chunks == 1:
-        return _nll_sum(x_nd, head_dv, targets_n) / n
-    xs = constrain(split_rows(x_nd, chunks), (None, ROWS, None))
-    ts = constrain(split_rows(targets_n, chunks), (None, ROWS))
-    chunk_nll = jax.checkpoint(_nll_sum)
+        return _nll_sum(x_nd, head_dv, targets_n, rows) / n
+    xs = constrain(split_rows(x_nd, chunks), (None, rows, None))
+    ts = constrain(split_rows(targets_n, chunks), (None, rows))
+    chunk_nll = jax.checkpoint(functools.partial(_nll_sum, rows=rows))
 
     def body(total, xt):
         return total + chunk_nll(xt[0], head_dv, xt[1]), None

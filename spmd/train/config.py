@@ -23,6 +23,8 @@ class TrainConfig:
     remat: str | None = None  # None: the model's own (or `--set remat=...`)
     dtype: str | None = None  # None: the model's own compute_dtype
     attention: str | None = None  # None: the model's own (auto: chosen per backend)
+    # Context parallelism on a `sequence` mesh axis: ring or allgather; None: the model's own.
+    context_parallel: str | None = None
     lr: float = 1e-3
     warmup: int = 10
     schedule_steps: int | None = None  # the LR schedule's length; default: steps
@@ -66,6 +68,7 @@ class TrainConfig:
             dtype=self.dtype,
             attention=self.attention,
             seq=self.seq,
+            context_parallel=self.context_parallel,
         )
         if vocab_size and model.cfg.vocab_size < vocab_size:
             raise SpmdError(

@@ -1,0 +1,1 @@
+"""shard_map escape hatches: parallel forms XLA's partitioner does not produce by itself."""
