@@ -144,12 +144,9 @@ def moe_ffn(x_nd, expert_nk, gate_nk, w, dtype, capacity_rows: int = 0):
     ep_axes = tuple(a for a in ctx.rules.mesh_axes("experts") if a in sizes)
     row_axes = row_split(x_nd.shape[0], ctx.rules.mesh_axes(ROWS), sizes)
     ranks = math.prod(sizes[a] for a in ep_axes)
-    n_local, k, per_rank = (
-        x_nd.shape[0] // math.prod(sizes[a] for a in row_axes),
-        gate_nk.shape[1],
-        w["we_gate"].shape[0] // ranks,
-    )
-    buffer = n_local * min(k, per_rank)
+    n_local = x_nd.shape[0] // math.prod(sizes[a] for a in row_axes)
+    per_rank = w["we_gate"].shape[0] // ranks
+    buffer = n_local * min(gate_nk.shape[1], per_rank)  # the dropless bound (module doc)
     if capacity_rows:
         buffer = min(buffer, per_rank * capacity_rows)
     if ep_axes:

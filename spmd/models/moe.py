@@ -78,8 +78,7 @@ class MoEConfig(gpt.GPTConfig):
 def _dense_stack(cfg: MoEConfig, depth: int) -> dict:
     """gpt.py's layer specs stacked `depth` deep, with the residual-scaled init of the
     whole model's depth (gpt.py scales by its own n_layers)."""
-    fields = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(gpt.GPTConfig)}
-    layers = gpt.param_specs(gpt.GPTConfig(**{**fields, "n_layers": depth}))["layers"]
+    layers = gpt.param_specs(gpt.GPTConfig(**{**_gpt_fields(cfg), "n_layers": depth}))["layers"]
     out = normal(cfg.init_std / (2 * cfg.n_layers) ** 0.5)
     return {k: dataclasses.replace(s, init=out) if k in ("wo", "w_down") else s
             for k, s in layers.items()}  # fmt: skip
