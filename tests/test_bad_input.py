@@ -42,6 +42,12 @@ def fails_cleanly(capsys, argv, message):
             ["--mesh", "data=8", "--batch", "8", "--grad-accum", "2"],
             "microbatch=4 is not divisible by data=8",
         ),
+        (
+            ["--model", "moe-tiny", "--mesh", "expert=4,data=2", "--set", "n_experts=6"],
+            "experts=6 is not divisible by expert=4",
+        ),
+        (["--model", "moe-tiny", "--set", "top_k=3"], "top_k=3 must be 1 or 2"),
+        (["--model", "moe-tiny", "--set", "n_experts=1"], "top_k=2 exceeds n_experts=1"),
     ],
 )
 def test_train_rejects(capsys, text_file, extra, message):

@@ -8,6 +8,9 @@ The one FLOPs convention (used by `spmd explain`, `spmd plan` and every MFU in s
     (wk and wv with the model's own n_kv_heads, so grouped-query attention is counted as
     it is), w_gate, w_up, w_down, plus the output head. The embedding table is a lookup,
     not a matmul, and norm scales are elementwise: neither is in N_matmul.
+  - Mixture-of-experts layers count their *active* weights, those a token's FLOPs go
+    through: the router (d x E), top_k experts and the shared experts, each 3 * d * d_expert.
+    Experts a token is not routed to, and capacity-mode drops, are not counted.
   - 6 = 2 FLOPs per multiply-add, times 3 for the forward pass and the two matmuls of the
     backward pass. Attention scores and the weighted sum (QK^T and PV) are 2 * 2 * h * k
     FLOPs per key in the forward pass, times 3 again: hence 12 * h * k per key.
@@ -378,10 +381,16 @@ def mfu(model_flops_per_step: float, step_time_s: float, hw: Hardware, devices: 
 
 
 def matmul_params(cfg) -> int:
-    """N_matmul of the convention above, for a llama-style GPTConfig."""
+    """N_matmul of the convention above (active weights), for a llama-style GPTConfig or
+    its mixture-of-experts MoEConfig."""
     d, h, g, k, f = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.d_ff
-    per_layer = 2 * d * h * k + 2 * d * g * k + 3 * d * f
-    return cfg.n_layers * per_layer + d * cfg.vocab_size
+    attention = 2 * d * h * k + 2 * d * g * k
+    moe_layers = getattr(cfg, "n_moe_layers", 0)
+    mlp = (cfg.n_layers - moe_layers) * 3 * d * f
+    if moe_layers:
+        routed = cfg.top_k + cfg.shared_experts
+        mlp += moe_layers * (d * cfg.n_experts + routed * 3 * d * cfg.d_expert)
+    return cfg.n_layers * attention + mlp + d * cfg.vocab_size
 
 
 def model_flops_per_token(cfg, seq: int, causal: bool = True) -> float:

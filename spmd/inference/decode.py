@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from spmd.inference.sampling import NEG
-from spmd.models import gpt
+from spmd.models import gpt, moe
 from spmd.models.attention import attend, causal_mask
 from spmd.rules import Rules, constrain
 
@@ -65,8 +65,10 @@ def attend_cached(q_bthk, k_bgsk, v_bgsk, mask_bts):
 
 def _mlp_residual(x_btd, p, cfg: gpt.GPTConfig):
     with jax.named_scope("mlp"):
-        x_btd = x_btd + gpt.mlp(gpt.rms_norm(x_btd, p["mlp_norm"], cfg.norm_eps), p, cfg)
-    return constrain(x_btd, ("batch", "length", None))
+        h = gpt.rms_norm(x_btd, p["mlp_norm"], cfg.norm_eps)
+        # An MoE layer routes each token through its experts, dropless (nothing to balance).
+        y = moe.moe_mlp(h, p, cfg, dropless=True)[0] if "router" in p else gpt.mlp(h, p, cfg)
+    return constrain(x_btd + y, ("batch", "length", None))
 
 
 def _last_logits(params, x_btd, cfg: gpt.GPTConfig):
@@ -77,6 +79,8 @@ def _last_logits(params, x_btd, cfg: gpt.GPTConfig):
 def unstack_layers(params) -> dict:
     """Training's stacked layer weights as a tuple of per-layer dicts, for the unrolled loops."""
     stacked = params["layers"]
+    if "moe" in stacked:
+        return moe.unstack_layers(params)
     n = jax.tree.leaves(stacked)[0].shape[0]
     layers = tuple(jax.tree.map(lambda a, i=i: a[i], stacked) for i in range(n))
     return {**params, "layers": layers}

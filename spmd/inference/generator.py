@@ -16,7 +16,7 @@ from spmd.inference.decode import CACHE_AXES, KVCache, decode_rules, init_cache,
 from spmd.inference.loop import DecodeState, advance, start
 from spmd.inference.sampling import SamplingConfig
 from spmd.layout import Layout, sharded_structs
-from spmd.models import gpt
+from spmd.models import gpt, moe
 
 
 @dataclasses.dataclass(frozen=True)
@@ -196,6 +196,10 @@ def unstacked_shardings(specs, layout: Layout):
 
     def one_layer(s: param_lib.ParamSpec):
         return layout.sharding(s.axes[1:], s.shape[1:])
+
+    if "moe" in specs["layers"]:  # dense and MoE layers differ: shard each one's own
+        per_layer = moe.unstack_layers(specs, take=lambda s, i: one_layer(s))
+        return {**layout.param_shardings({**specs, "layers": {}}), "layers": per_layer["layers"]}
 
     n = jax.tree.leaves(specs["layers"], is_leaf=param_lib.is_spec)[0].shape[0]
     layer = jax.tree.map(one_layer, specs["layers"], is_leaf=param_lib.is_spec)

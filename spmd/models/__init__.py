@@ -10,7 +10,7 @@ from typing import Any
 
 from spmd import params as param_lib
 from spmd.errors import SpmdError
-from spmd.models import gpt, mlp
+from spmd.models import gpt, mlp, moe
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,6 +25,7 @@ class Model:
     # `(cfg, key) -> params` for models whose parameters are created together (a Flax module,
     # spmd.interop.flax_adapter); None: each ParamSpec's own initializer, keyed by position.
     init_fn: Callable[[Any, Any], Any] | None = None
+    has_aux: bool = False  # loss_fn returns (loss, metrics), a dict of arrays
 
     def specs(self):
         return self.param_specs(self.cfg)
@@ -36,7 +37,13 @@ class Model:
         return self.init_fn(self.cfg, key)
 
     def loss(self, params, batch):
-        return self.loss_fn(params, batch, self.cfg)
+        out = self.loss_fn(params, batch, self.cfg)
+        return out[0] if self.has_aux else out
+
+    def loss_and_metrics(self, params, batch):
+        """(loss, the model's own metrics): what the train step differentiates."""
+        out = self.loss_fn(params, batch, self.cfg)
+        return out if self.has_aux else (out, {})
 
     @property
     def n_params(self) -> int:
@@ -44,11 +51,14 @@ class Model:
 
 
 def model_names() -> list[str]:
-    return [*gpt.presets()]
+    return [*gpt.presets(), *moe.presets()]
 
 
 def get_model(name: str, overrides: Mapping[str, Any] | None = None) -> Model:
     """A preset by name, with config fields overridden (`{"n_layers": 2}`, values may be str)."""
+    if name in moe.presets():
+        cfg = with_overrides(moe.presets()[name], overrides or {})
+        return Model(name, cfg, moe.param_specs, moe.loss_fn, moe.BATCH_AXES, has_aux=True)
     presets = gpt.presets()
     if name not in presets:
         raise SpmdError(f"unknown model {name!r}; choose one of {', '.join(model_names())}")

@@ -196,22 +196,27 @@ def mlp(x_btd, p, cfg: GPTConfig):
     return jnp.einsum("...f,fd->...d", hidden, p["w_down"].astype(dt)).reshape(b, t, d)
 
 
-def block(x_btd, p, cos, sin, cfg: GPTConfig):
-    """One decoder layer: pre-norm attention and SwiGLU MLP, each with a residual."""
+def attention_residual(x_btd, p, cos, sin, cfg: GPTConfig):
+    """Pre-norm causal self-attention with its residual (the first half of a layer)."""
     with jax.named_scope("attention"):
         h = rms_norm(x_btd, p["attn_norm"], cfg.norm_eps)
         q, k, v = qkv(h, p, cos, sin, cfg)
         o = checkpoint_name(
             causal_attention(q, k, v, cfg.attention, cfg.context_parallel), "attention_out"
         )
-        x_btd = x_btd + attn_out(o, p, cfg)
+        return x_btd + attn_out(o, p, cfg)
+
+
+def block(x_btd, p, cos, sin, cfg: GPTConfig):
+    """One decoder layer: pre-norm attention and SwiGLU MLP, each with a residual."""
+    x_btd = attention_residual(x_btd, p, cos, sin, cfg)
     with jax.named_scope("mlp"):
         h = rms_norm(x_btd, p["mlp_norm"], cfg.norm_eps)
         x_btd = x_btd + mlp(h, p, cfg)
     return constrain(x_btd, ("batch", "length", None))
 
 
-def _remat(fn, policy: str):
+def remat(fn, policy: str):
     if policy == "none":
         return fn
     saveable = {
@@ -266,7 +271,7 @@ def hidden_states(params, tokens_bt, cfg: GPTConfig, positions_t=None):
 
     layers = in_compute_dtype(params, cfg)["layers"]
     with jax.named_scope("layers"):
-        x, _ = jax.lax.scan(_remat(body, cfg.remat), x, layers, unroll=cfg.scan_unroll)
+        x, _ = jax.lax.scan(remat(body, cfg.remat), x, layers, unroll=cfg.scan_unroll)
     return rms_norm(x, params["final_norm"], cfg.norm_eps)
 
 

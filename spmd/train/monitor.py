@@ -75,7 +75,7 @@ class Monitor:
 
     def fetch(self, step: int, metrics) -> dict:
         """Wait for a step's metrics; check them. Every process calls this."""
-        row = {"step": step, **{k: float(v) for k, v in jax.device_get(metrics).items()}}
+        row = {"step": step, **{k: _number(v) for k, v in jax.device_get(metrics).items()}}
         now = time.perf_counter()
         row["step_time_s"], self._last = now - self._last, now
         row["tokens_per_s"] = self.tokens_per_step / row["step_time_s"]
@@ -99,12 +99,14 @@ class Monitor:
             for key, value in row.items():
                 if key != "step":
                     group = "eval" if key.startswith("eval") else "train"
-                    self._tb.add_scalar(f"{group}/{key}", value, row["step"])
+                    for name, x in _scalars(key, value):
+                        self._tb.add_scalar(f"{group}/{name}", x, row["step"])
         post = {"loss": f"{row['loss']:.3f}", "tok/s": f"{row['tokens_per_s']:,.0f}"}
         if np.isfinite(row["mfu"]):
             post["mfu"] = f"{100 * row['mfu']:.1f}%"
         if "eval_loss" in row:
             post["eval"] = f"{row['eval_loss']:.3f}"
+        post.update(moe_postfix(row))
         self._bar.set_postfix(post)
         self._bar.update(row["step"] - self._bar.n)
 
@@ -118,6 +120,31 @@ class Monitor:
     def plot(self, path: str) -> None:
         if self.enabled:
             plot_losses(self.earlier + self.rows, path)
+
+
+def _number(value):
+    """A metric as JSON: a float, or a list of floats (the MoE expert load histogram)."""
+    a = np.asarray(value)
+    return float(a) if a.ndim == 0 else [float(x) for x in a.ravel()]
+
+
+def _scalars(key: str, value):
+    if isinstance(value, list):
+        return [(f"{key}/{i}", x) for i, x in enumerate(value)]
+    return [(key, value)]
+
+
+def moe_postfix(row: dict) -> dict:
+    """Mixture-of-experts health at a glance: the balancing loss, the busiest expert's load
+    over the balanced load (1.00 is even), and the dropped fraction in capacity mode."""
+    post = {}
+    if "moe_aux_loss" in row:
+        post["aux"] = f"{row['moe_aux_loss']:.3f}"
+    if "moe_load_max" in row:
+        post["load"] = f"{row['moe_load_max']:.2f}"
+    if "moe_dropped" in row:
+        post["drop"] = f"{100 * row['moe_dropped']:.1f}%"
+    return post
 
 
 def _earlier_rows(path: str | None, start_step: int) -> list[dict]:
@@ -193,6 +220,7 @@ def report(cfg, s: dict, argv: list[str] | None) -> None:
             f"done: {s['steps']} steps | loss {s['first_loss']:.4f} -> {s['final_loss']:.4f} | "
             f"{s['tokens_per_s']:,.0f} tokens/s (median, steady state)"
             + (f" | eval loss {s['eval_loss']:.4f}" if s["eval_loss"] is not None else "")
+            + "".join(f" | moe {k} {v}" for k, v in moe_postfix(s.get("last_row", {})).items())
             + (f" | metrics in {cfg.metrics_file}" if cfg.metrics_file else ""),
             flush=True,
         )

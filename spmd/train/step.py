@@ -28,21 +28,25 @@ def split_microbatches(x: jax.Array, n: int) -> jax.Array:
 
 
 def loss_and_grads(model: Model, params, batch, grad_accum: int):
-    grad_fn = jax.value_and_grad(model.loss)
+    """(loss, the model's metrics, grads), each averaged over the microbatches."""
+    grad_fn = jax.value_and_grad(model.loss_and_metrics, has_aux=True)
     if grad_accum == 1:
-        return grad_fn(params, batch)
+        (loss, aux), grads = grad_fn(params, batch)
+        return loss, aux, grads
     micro = jax.tree.map(lambda x: split_microbatches(x, grad_accum), batch)
     axes = param_lib.logical_axes(model.specs())
 
     def body(carry, mb):
         loss_sum, grad_sum = carry
-        loss, grads = grad_fn(params, mb)
+        (loss, aux), grads = grad_fn(params, mb)
         grad_sum = jax.tree.map(jnp.add, grad_sum, grads)
-        return (loss_sum + loss, _constrain_like_params(grad_sum, axes)), None
+        return (loss_sum + loss, _constrain_like_params(grad_sum, axes)), aux
 
     zeros = _constrain_like_params(jax.tree.map(jnp.zeros_like, params), axes)
-    (loss_sum, grad_sum), _ = jax.lax.scan(body, (jnp.zeros((), jnp.float32), zeros), micro)
-    return loss_sum / grad_accum, jax.tree.map(lambda g: g / grad_accum, grad_sum)
+    init = (jnp.zeros((), jnp.float32), zeros)
+    (loss_sum, grad_sum), aux = jax.lax.scan(body, init, micro)
+    aux = jax.tree.map(lambda a: jnp.mean(a, axis=0), aux)
+    return loss_sum / grad_accum, aux, jax.tree.map(lambda g: g / grad_accum, grad_sum)
 
 
 def _constrain_like_params(tree, axes):
@@ -61,7 +65,7 @@ def train_step(
     grad_accum: int = 1,
 ):
     """One optimizer step on the global batch (averaged over `grad_accum` microbatches)."""
-    loss, grads = loss_and_grads(model, state.params, batch, grad_accum)
+    loss, aux, grads = loss_and_grads(model, state.params, batch, grad_accum)
     updates, opt_state = opt.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = {
@@ -70,5 +74,6 @@ def train_step(
         "update_norm": optax.tree.norm(updates),
         "param_norm": optax.tree.norm(params),
         "lr": jnp.asarray(schedule(state.step), jnp.float32),
+        **aux,  # the model's own metrics (MoE: router losses, expert load)
     }
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics

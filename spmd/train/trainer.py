@@ -299,6 +299,7 @@ def _summary(r: Run, rows: list[dict], last_step: int, signum: int | None) -> di
         "first_loss": rows[0]["loss"] if rows else None,
         "final_loss": rows[-1]["loss"] if rows else None,
         "eval_loss": evals[-1] if evals else None,
+        "last_row": rows[-1] if rows else {},
         "tokens_per_s": float(np.median([x["tokens_per_s"] for x in steady])) if rows else 0.0,
         "compile_s": r.step_fn.compile_s,
         "stopped_by": signal.Signals(signum).name if signum else None,
