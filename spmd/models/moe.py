@@ -153,13 +153,13 @@ def in_compute_dtype(params, cfg: MoEConfig):
     return {**params, "layers": layers}
 
 
-def hidden_states(params, tokens_bt, cfg: MoEConfig):
-    """Final-norm hidden states (b, t, d) and the routing stats averaged over MoE layers."""
+def hidden_states(params, tokens_bt, cfg: MoEConfig, positions_t=None):
+    """Final-norm hidden states (b, t, d) and the routing stats averaged over MoE layers;
+    `positions_t` as in gpt.hidden_states (a permutation under context parallelism)."""
     b, t = tokens_bt.shape
     x = gpt.embed(params, tokens_bt, cfg)
-    cos, sin = gpt.rope_tables(
-        jnp.broadcast_to(jnp.arange(t), (b, t)), cfg.head_dim, cfg.rope_theta
-    )
+    positions_t = jnp.arange(t) if positions_t is None else positions_t
+    cos, sin = gpt.rope_tables(jnp.broadcast_to(positions_t, (b, t)), cfg.head_dim, cfg.rope_theta)
 
     def body(x, layer_params):
         return group(x, layer_params, cos, sin, cfg)
@@ -173,10 +173,12 @@ def hidden_states(params, tokens_bt, cfg: MoEConfig):
 
 def loss_fn(params, batch, cfg: MoEConfig):
     """(objective, metrics): cross-entropy plus the weighted router losses."""
-    x, stats = hidden_states(params, batch["inputs"], cfg)
-    head = constrain(params["head"].astype(cfg.dtype), ("embed", "vocab"))
+    # Context parallelism runs in gpt's zig-zag order: inputs and targets permuted alike.
+    order, (inputs, targets) = gpt.in_context_order(batch["inputs"], batch["targets"])
+    x, stats = hidden_states(params, inputs, cfg, order)
+    head = constrain(gpt.head_matrix(params).astype(cfg.dtype), ("embed", "vocab"))
     with jax.named_scope("loss"):
-        ce = cross_entropy(x, head, batch["targets"], cfg.loss_chunks)
+        ce = cross_entropy(x, head, targets, cfg.loss_chunks)
     loss = ce + cfg.aux_loss_weight * stats["aux_loss"] + cfg.z_loss_weight * stats["z_loss"]
     metrics = {
         "ce_loss": ce,
