@@ -170,4 +170,12 @@ def constrain(x: jax.Array, logical: Logical) -> jax.Array:
     if ctx is None:
         return x
     spec = logical_to_spec(logical, ctx.mesh, ctx.rules, x.shape)
-    return jax.lax.with_sharding_constraint(x, NamedSharding(ctx.mesh, spec))
+    return jax.lax.with_sharding_constraint(x, NamedSharding(_mesh_here(ctx.mesh), spec))
+
+
+def _mesh_here(mesh):
+    """Inside a partly manual `shard_map` (the pipeline's, manual over `stage`) a constraint
+    must name the tracing context's abstract mesh, whose manual axes JAX tracks; the specs
+    themselves never name `stage`, so they hold unchanged there."""
+    here = jax.sharding.get_abstract_mesh()
+    return here if not here.empty and here.manual_axes else mesh

@@ -228,19 +228,34 @@ def _is_spec(x) -> bool:
     return isinstance(x, ParamSpec)
 
 
-def hidden_states(params, tokens_bt, cfg: GPTConfig):
-    """The final-norm hidden states (b, t, d) of a causal pass over `tokens_bt`."""
+def rope_for(tokens_bt, cfg: GPTConfig):
+    """The rotary tables of a (b, t) batch at absolute positions 0..t-1."""
     b, t = tokens_bt.shape
-    x = embed(params, tokens_bt, cfg)
-    cos, sin = rope_tables(jnp.broadcast_to(jnp.arange(t), (b, t)), cfg.head_dim, cfg.rope_theta)
+    return rope_tables(jnp.broadcast_to(jnp.arange(t), (b, t)), cfg.head_dim, cfg.rope_theta)
+
+
+def layer_stack(layers, x_btd, cos, sin, cfg: GPTConfig):
+    """The stacked decoder layers `layers` (already in the compute dtype) applied in order.
+    Public because a pipeline stage runs a slice of the stack (spmd/parallel/pipeline.py)."""
 
     def body(x, layer_params):
         return block(x, layer_params, cos, sin, cfg), None
 
-    layers = in_compute_dtype(params, cfg)["layers"]
     with jax.named_scope("layers"):
-        x, _ = jax.lax.scan(_remat(body, cfg.remat), x, layers, unroll=cfg.scan_unroll)
-    return rms_norm(x, params["final_norm"], cfg.norm_eps)
+        x_btd, _ = jax.lax.scan(_remat(body, cfg.remat), x_btd, layers, unroll=cfg.scan_unroll)
+    return x_btd
+
+
+def trunk(params, tokens_bt, cfg: GPTConfig):
+    """The residual stream (b, t, d) after the last layer, before the final norm."""
+    x = embed(params, tokens_bt, cfg)
+    cos, sin = rope_for(tokens_bt, cfg)
+    return layer_stack(in_compute_dtype(params, cfg)["layers"], x, cos, sin, cfg)
+
+
+def hidden_states(params, tokens_bt, cfg: GPTConfig):
+    """The final-norm hidden states (b, t, d) of a causal pass over `tokens_bt`."""
+    return rms_norm(trunk(params, tokens_bt, cfg), params["final_norm"], cfg.norm_eps)
 
 
 def logits_from_hidden(params, x_btd):
@@ -258,10 +273,16 @@ def forward(params, tokens_bt, cfg: GPTConfig):
 
 def loss_fn(params, batch, cfg: GPTConfig):
     """Mean next-token cross-entropy. batch: `inputs` and `targets`, both (b, t) int32."""
-    x = hidden_states(params, batch["inputs"], cfg)
+    return head_loss(params, trunk(params, batch["inputs"], cfg), batch["targets"], cfg)
+
+
+def head_loss(params, x_btd, targets_bt, cfg: GPTConfig):
+    """Final norm, head and mean cross-entropy of the last layer's output `x_btd` (the
+    pipeline's last stage computes it per microbatch)."""
+    x = rms_norm(x_btd, params["final_norm"], cfg.norm_eps)
     head = constrain(params["head"].astype(cfg.dtype), ("embed", "vocab"))  # gathered cast
     with jax.named_scope("loss"):
-        return cross_entropy(x, head, batch["targets"], cfg.loss_chunks)
+        return cross_entropy(x, head, targets_bt, cfg.loss_chunks)
 
 
 BATCH_AXES = {"inputs": ("batch", "length"), "targets": ("batch", "length")}

@@ -14,6 +14,7 @@ import optax
 
 from spmd import params as param_lib
 from spmd.models import Model
+from spmd.parallel import pipeline as pipeline_lib
 from spmd.rules import constrain
 from spmd.train.state import TrainState
 
@@ -27,8 +28,13 @@ def split_microbatches(x: jax.Array, n: int) -> jax.Array:
     return jnp.swapaxes(x.reshape(x.shape[0] // n, n, *x.shape[1:]), 0, 1)
 
 
-def loss_and_grads(model: Model, params, batch, grad_accum: int):
-    grad_fn = jax.value_and_grad(model.loss)
+def loss_and_grads(model: Model, params, batch, grad_accum: int, pipeline=None):
+    """Mean loss and gradients; `pipeline` (a PipelineConfig) runs them as a pipeline over
+    the `stage` axis, inside each gradient-accumulation microbatch."""
+    if pipeline is None:
+        grad_fn = jax.value_and_grad(model.loss)
+    else:
+        grad_fn = pipeline_lib.value_and_grad(model, pipeline)
     if grad_accum == 1:
         return grad_fn(params, batch)
     micro = jax.tree.map(lambda x: split_microbatches(x, grad_accum), batch)
@@ -59,9 +65,10 @@ def train_step(
     opt: optax.GradientTransformation,
     schedule: Callable,
     grad_accum: int = 1,
+    pipeline=None,
 ):
     """One optimizer step on the global batch (averaged over `grad_accum` microbatches)."""
-    loss, grads = loss_and_grads(model, state.params, batch, grad_accum)
+    loss, grads = loss_and_grads(model, state.params, batch, grad_accum, pipeline)
     updates, opt_state = opt.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = {

@@ -1,0 +1,1 @@
+"""Parallel schedules written by hand with `jax.shard_map` (pipeline over `stage`)."""
