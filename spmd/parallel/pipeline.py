@@ -204,7 +204,15 @@ def embed_all(params, tokens_mbt, cfg: gpt.GPTConfig):
 
 def varying(x):
     """Mark a loop-carry initial value as differing across stages, as ppermute's output is."""
-    return jax.tree.map(lambda a: jax.lax.pcast(a, AXIS, to="varying"), x)
+
+    def cast(a):
+        return (
+            a
+            if AXIS in jax.typeof(a).manual_axis_type.varying
+            else jax.lax.pcast(a, AXIS, to="varying")
+        )
+
+    return jax.tree.map(cast, x)
 
 
 def chunk(layers, v, virtual: int):
