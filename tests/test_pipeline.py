@@ -13,7 +13,6 @@ import re
 import jax
 import numpy as np
 import pytest
-from conftest import run_spmd
 
 import spmd
 from spmd import checkpoint as ckpt
@@ -212,14 +211,3 @@ def test_train_flags_fail_in_one_line(capsys, tmp_path, extra, message):
     assert main([*argv, *extra]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], lines
-
-
-@pytest.mark.slow
-def test_train_cli_runs_a_pipeline():
-    out = run_spmd(
-        "train", "--devices", "8", "--mesh", "stage=2,fsdp=4", "--set", "n_layers=2,d_model=32",
-        "--steps", "2", "--batch", "8", "--seq", "16", "--no-progress",
-        "--pipeline-schedule", "1f1b", "--microbatches", "2",
-    )  # fmt: skip
-    assert out.returncode == 0, out.stderr
-    assert "done: 2 steps" in out.stdout + out.stderr
