@@ -29,36 +29,36 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from spmd.models import gpt
-from spmd.parallel import pipeline
+from spmd.parallel import stages as st
 
 
-def value_and_grad(params, batch, *, cfg: gpt.GPTConfig, pipe: pipeline.PipelineConfig):
+def value_and_grad(params, batch, *, cfg: gpt.GPTConfig, microbatches: int):
     """The mean loss of `batch` and its gradients with respect to `params`."""
-    n_stages = pipeline.stages()
-    micro = pipeline.microbatched(batch, pipe.microbatches)
+    n_stages = st.stages()
+    micro = st.microbatched(batch, microbatches)
     # The cast to the compute dtype runs outside the loop; its vjp maps gradients back.
-    prepared, back = jax.vjp(lambda p: pipeline.prepare(p, cfg, n_stages, 1), params)
-    specs = pipeline.param_specs_in(prepared)
+    prepared, back = jax.vjp(lambda p: st.prepare(p, cfg, n_stages, 1), params)
+    specs = st.param_specs_in(prepared)
     body = functools.partial(_body, cfg=cfg, n_stages=n_stages)
     loss, grads = jax.shard_map(
         body,
-        mesh=pipeline.current_context().mesh,
+        mesh=st.mesh(),
         in_specs=(specs, P(), P()),
         out_specs=(P(), specs),
-        axis_names={pipeline.AXIS},
+        axis_names={st.AXIS},
     )(prepared, micro["inputs"], micro["targets"])
     (grads,) = back(grads)
     return loss, grads
 
 
 def _body(params, tokens, targets, *, cfg: gpt.GPTConfig, n_stages: int):
-    axis, last = pipeline.AXIS, n_stages - 1
+    axis, last = st.AXIS, n_stages - 1
     s = jax.lax.axis_index(axis)
     m = tokens.shape[0]
     stash_slots = min(m, 2 * n_stages - 1)
     # Every parameter marked as varying over `stage`: the gradients each stage takes below
     # stay its own (no implicit psum per tick); one psum at the end adds them up.
-    params = pipeline.varying(params)
+    params = st.varying(params)
     layers = params["layers"]
     head = {"final_norm": params["final_norm"], "head": params["head"]}
     cos, sin = gpt.rope_for(tokens[0], cfg)
@@ -76,7 +76,7 @@ def _body(params, tokens, targets, *, cfg: gpt.GPTConfig, n_stages: int):
         ic = jnp.clip(i, 0, m - 1)
         x = jnp.where(s == 0, embed(params["embed"], tokens[ic]), recv_f)
         slot = ic % stash_slots
-        stash = _put(stash, slot, jnp.where(ok, x, stash[slot]))
+        stash = st.put(stash, slot, jnp.where(ok, x, stash[slot]))
         y = stage_fn(layers, x)
         mine = ok & (s == last)
         loss_i, head_vjp = jax.vjp(lambda h, y: gpt.head_loss(h, y, targets[ic], cfg), head, y)
@@ -115,7 +115,7 @@ def _body(params, tokens, targets, *, cfg: gpt.GPTConfig, n_stages: int):
     act = jnp.zeros((*tokens.shape[1:], cfg.d_model), cfg.dtype)
     stash = jnp.zeros((stash_slots, *act.shape), act.dtype)
     zeros = jax.tree.map(jnp.zeros_like, params)
-    carry = pipeline.varying((act, act, stash, zeros, jnp.zeros((), jnp.float32)))
+    carry = st.varying((act, act, stash, zeros, jnp.zeros((), jnp.float32)))
     phases = (
         (0, last, True, False),  # warm-up: forwards only
         (last, m + last, True, True),  # steady state: one forward and one backward
@@ -129,7 +129,3 @@ def _body(params, tokens, targets, *, cfg: gpt.GPTConfig, n_stages: int):
     # embedding's: the psum over `stage` gives every stage the whole.
     shared = {k: jax.lax.psum(v, axis) for k, v in grads.items() if k != "layers"}
     return jax.lax.psum(loss_sum, axis) / m, {**shared, "layers": grads["layers"]}
-
-
-def _put(buffer, i, value):
-    return jax.lax.dynamic_update_index_in_dim(buffer, value, i, 0)

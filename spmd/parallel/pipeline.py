@@ -8,12 +8,12 @@ axes (data, fsdp, tensor, ...) stay automatic, so the model's own sharding const
 working inside a stage. Activations move between neighbouring stages with `ppermute`.
 
 Schedules (S stages, M microbatches, V virtual stages per device):
-- gpipe: every microbatch runs forward through all stages (M+S-1 ticks), then autodiff
-  runs the same loop backward. Live activations: the residuals of all M+S-1 ticks.
+- gpipe (circular.py): every microbatch runs forward through all stages (M+S-1 ticks),
+  then autodiff runs the same loop backward. Live activations: the residuals of all ticks.
 - interleaved: device s holds V chunks, virtual stages s, S+s, 2S+s, ... (round robin); a
   microbatch circles the ring V times (VM+S-1 ticks of a V-th of the work each), so the
-  bubble shrinks by about V. Backward by autodiff, as gpipe.
-- 1f1b: a hand-written loop (spmd/parallel/one_f_one_b.py) in which each tick does one
+  bubble shrinks by about V. Backward by autodiff, as gpipe (circular.py, V > 1).
+- 1f1b: a hand-written loop (one_f_one_b.py) in which each tick does one
   forward and one backward; live activations are bounded by 2S-1 stage inputs, not M.
 
 Placement of the embedding and the head: both stay replicated over `stage` (stored as the
@@ -21,8 +21,11 @@ rules say, split only over fsdp/tensor) and every stage computes them, masked, k
 the first stage's embedding and the last stage's loss. The alternative, a `lax.cond` on the
 stage index, puts the head's fsdp/tensor collectives inside a branch; the masked form keeps
 one straight-line SPMD program. The cost is the head's FLOPs on every stage (S-1 redundant
-copies): for gpt-tiny on CPU see the README's measurement; for large-vocabulary models this
-is the first thing to move to the last stage.
+copies), measured at 6% of a device's FLOPs for a small model in README's "Pipeline
+parallelism"; for a large vocabulary on many stages it is the first thing to move.
+
+This module holds the configuration, its checks and the dispatch; stages.py what the
+schedules share.
 """
 
 from __future__ import annotations
@@ -31,16 +34,13 @@ import dataclasses
 import functools
 
 import jax
-import jax.numpy as jnp
-from jax.sharding import PartitionSpec as P
 
 from spmd.errors import SpmdError
 from spmd.models import Model, gpt
-from spmd.models.loss import split_rows
-from spmd.rules import constrain, current_context
+from spmd.parallel import circular, one_f_one_b
+from spmd.parallel.stages import AXIS
 
 SCHEDULES = ("gpipe", "1f1b", "interleaved")
-AXIS = "stage"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,135 +130,10 @@ def value_and_grad(model: Model, pipe: PipelineConfig):
     """`(params, batch) -> (loss, grads)` like `jax.value_and_grad(model.loss)`, pipelined
     over `stage` of the active layout (traced inside `Layout.context()`)."""
     if pipe.schedule == "1f1b":
-        from spmd.parallel import one_f_one_b  # the hand-written loop lives beside this one
-
-        return functools.partial(one_f_one_b.value_and_grad, cfg=model.cfg, pipe=pipe)
-    return jax.value_and_grad(functools.partial(circular_loss, cfg=model.cfg, pipe=pipe))
-
-
-def stages() -> int:
-    ctx = current_context()
-    return int(ctx.mesh.shape[AXIS]) if ctx is not None else 1
-
-
-def microbatched(batch, m: int):
-    """(B, t) token arrays -> (M, B/M, t), strided so no rows cross devices (as grad accum)."""
-    return {k: constrain(split_rows(x, m), (None, "batch", "length")) for k, x in batch.items()}
-
-
-def layer_axes(cfg: gpt.GPTConfig):
-    return jax.tree.map(
-        lambda s: s.axes, gpt.param_specs(cfg)["layers"], is_leaf=lambda x: hasattr(x, "axes")
-    )
-
-
-def prepare(params, cfg: gpt.GPTConfig, n_stages: int, virtual: int):
-    """The parameters as the stages consume them: layer matrices cast to the compute dtype
-    and, for V > 1, the stack reordered so that stage s's contiguous shard holds virtual
-    stages s, S+s, ... . The reorder moves (V-1)/V of the layer weights across `stage` each
-    step (and their gradients back): the price of keeping checkpoints in canonical order."""
-    params = gpt.in_compute_dtype(params, cfg)
-    if virtual == 1:
-        return params
-
-    def reorder(w, axes):
-        chunks = w.reshape(virtual, n_stages, -1, *w.shape[1:])
-        return constrain(jnp.swapaxes(chunks, 0, 1).reshape(w.shape), axes)
-
-    layers = jax.tree.map(
-        reorder, params["layers"], layer_axes(cfg), is_leaf=lambda x: isinstance(x, tuple)
-    )
-    return {**params, "layers": layers}
-
-
-def param_specs_in(params):
-    """shard_map in_specs: the layer stack split over `stage`, everything else whole."""
-    specs = {}
-    for name, tree in params.items():
-        spec = P(AXIS) if name == "layers" else P()
-        specs[name] = jax.tree.map(lambda _, spec=spec: spec, tree)
-    return specs
-
-
-def circular_loss(params, batch, *, cfg: gpt.GPTConfig, pipe: PipelineConfig):
-    """The mean loss of `batch` through the gpipe / interleaved forward loop."""
-    n_stages = stages()
-    micro = microbatched(batch, pipe.microbatches)
-    prepared = prepare(params, cfg, n_stages, pipe.virtual_stages)
-    body = functools.partial(
-        _circular_body, cfg=cfg, n_stages=n_stages, virtual=pipe.virtual_stages
-    )
-    return jax.shard_map(
-        body,
-        mesh=current_context().mesh,
-        in_specs=(param_specs_in(prepared), P(), P()),
-        out_specs=P(),
-        axis_names={AXIS},
-    )(prepared, micro["inputs"], micro["targets"])
-
-
-def embed_all(params, tokens_mbt, cfg: gpt.GPTConfig):
-    """Every microbatch's embedding (M, b, t, d), one microbatch at a time."""
-    return jax.lax.map(lambda tok: gpt.embed(params, tok, cfg), tokens_mbt)
-
-
-def varying(x):
-    """Mark a loop-carry initial value as differing across stages, as ppermute's output is."""
-
-    def cast(a):
-        return (
-            a
-            if AXIS in jax.typeof(a).manual_axis_type.varying
-            else jax.lax.pcast(a, AXIS, to="varying")
+        return functools.partial(
+            one_f_one_b.value_and_grad, cfg=model.cfg, microbatches=pipe.microbatches
         )
-
-    return jax.tree.map(cast, x)
-
-
-def chunk(layers, v, virtual: int):
-    """The v-th of the `virtual` chunks of this stage's local layers."""
-    return jax.tree.map(
-        lambda w: jax.lax.dynamic_index_in_dim(
-            w.reshape(virtual, -1, *w.shape[1:]), v, keepdims=False
-        ),
-        layers,
+    loss = functools.partial(
+        circular.loss, cfg=model.cfg, microbatches=pipe.microbatches, virtual=pipe.virtual_stages
     )
-
-
-def _circular_body(params, tokens, targets, *, cfg, n_stages: int, virtual: int):
-    s = jax.lax.axis_index(AXIS)
-    m = tokens.shape[0]
-    emb = embed_all(params, tokens, cfg)
-    cos, sin = gpt.rope_for(tokens[0], cfg)
-    ring = [(k, (k + 1) % n_stages) for k in range(n_stages if virtual > 1 else n_stages - 1)]
-
-    def tick(carry, t):
-        recv, pending, outputs = carry
-        u = t - s
-        uc = jnp.clip(u, 0, virtual * m - 1)
-        v, i = uc // m, uc % m
-        first = emb[i] if virtual == 1 else jnp.where(v == 0, emb[i], pending[i])
-        x = jnp.where(s == 0, first, recv)
-        y = gpt.layer_stack(chunk(params["layers"], v, virtual), x, cos, sin, cfg)
-        done = (u >= 0) & (u < virtual * m) & (s == n_stages - 1) & (v == virtual - 1)
-        outputs = _put(outputs, i, jnp.where(done, y, outputs[i]))
-        recv = jax.lax.ppermute(y, AXIS, ring)
-        if virtual > 1:  # stage 0 keeps what came round the ring until its next pass
-            u_in = t - (n_stages - 1)
-            keep = (s == 0) & (u_in >= 0) & (u_in < (virtual - 1) * m)
-            j = jnp.maximum(u_in, 0) % m
-            pending = _put(pending, j, jnp.where(keep, recv, pending[j]))
-        return (recv, pending, outputs), None
-
-    zeros = jnp.zeros_like(emb)
-    pending = zeros if virtual > 1 else zeros[:0]
-    init = varying((zeros[0], pending, zeros))
-    ticks = virtual * m + n_stages - 1
-    (_, _, outputs), _ = jax.lax.scan(tick, init, jnp.arange(ticks))
-    losses = jax.lax.map(lambda xy: gpt.head_loss(params, xy[0], xy[1], cfg), (outputs, targets))
-    mine = jnp.where(s == n_stages - 1, jnp.mean(losses), 0.0)
-    return jax.lax.psum(mine, AXIS)
-
-
-def _put(buffer, i, value):
-    return jax.lax.dynamic_update_index_in_dim(buffer, value, i, 0)
+    return jax.value_and_grad(loss)
