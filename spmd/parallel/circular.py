@@ -17,8 +17,11 @@ from jax.sharding import PartitionSpec as P
 from spmd.models import gpt
 from spmd.parallel.stages import (
     AXIS,
+    batch_spec,
     chunk,
+    data_slices,
     embed_all,
+    manual_axes,
     mesh,
     microbatched,
     param_specs_in,
@@ -34,18 +37,24 @@ def loss(params, batch, *, cfg: gpt.GPTConfig, microbatches: int, virtual: int):
     n_stages = stages()
     micro = microbatched(batch, microbatches)
     prepared = prepare(params, cfg, n_stages, virtual)
-    body = functools.partial(_circular_body, cfg=cfg, n_stages=n_stages, virtual=virtual)
+    manual = manual_axes()
+    body = functools.partial(
+        _circular_body, cfg=cfg, n_stages=n_stages, virtual=virtual, manual=manual
+    )
     return jax.shard_map(
         body,
         mesh=mesh(),
-        in_specs=(param_specs_in(prepared), P(), P()),
+        in_specs=(param_specs_in(prepared), batch_spec(manual), batch_spec(manual)),
         out_specs=P(),
-        axis_names={AXIS},
+        axis_names=set(manual),
     )(prepared, micro["inputs"], micro["targets"])
 
 
-def _circular_body(params, tokens, targets, *, cfg, n_stages: int, virtual: int):
+def _circular_body(params, tokens, targets, *, cfg, n_stages: int, virtual: int, manual):
     s = jax.lax.axis_index(AXIS)
+    # Cast before the loop, so that autodiff sums the parameters' gradients across stages
+    # and data slices once, after the loop, rather than on every tick.
+    params = varying(params, manual)
     m = tokens.shape[0]
     emb = embed_all(params, tokens, cfg)
     cos, sin = gpt.rope_for(tokens[0], cfg)
@@ -71,9 +80,9 @@ def _circular_body(params, tokens, targets, *, cfg, n_stages: int, virtual: int)
 
     zeros = jnp.zeros_like(emb)
     pending = zeros if virtual > 1 else zeros[:0]
-    init = varying((zeros[0], pending, zeros))
+    init = varying((zeros[0], pending, zeros), manual)
     ticks = virtual * m + n_stages - 1
     (_, _, outputs), _ = jax.lax.scan(tick, init, jnp.arange(ticks))
     losses = jax.lax.map(lambda xy: gpt.head_loss(params, xy[0], xy[1], cfg), (outputs, targets))
     mine = jnp.where(s == n_stages - 1, jnp.mean(losses), 0.0)
-    return jax.lax.psum(mine, AXIS)
+    return jax.lax.psum(mine, manual) / data_slices(manual)

@@ -39,26 +39,27 @@ def value_and_grad(params, batch, *, cfg: gpt.GPTConfig, microbatches: int):
     # The cast to the compute dtype runs outside the loop; its vjp maps gradients back.
     prepared, back = jax.vjp(lambda p: st.prepare(p, cfg, n_stages, 1), params)
     specs = st.param_specs_in(prepared)
-    body = functools.partial(_body, cfg=cfg, n_stages=n_stages)
+    manual = st.manual_axes()
+    body = functools.partial(_body, cfg=cfg, n_stages=n_stages, manual=manual)
     loss, grads = jax.shard_map(
         body,
         mesh=st.mesh(),
-        in_specs=(specs, P(), P()),
+        in_specs=(specs, st.batch_spec(manual), st.batch_spec(manual)),
         out_specs=(P(), specs),
-        axis_names={st.AXIS},
+        axis_names=set(manual),
     )(prepared, micro["inputs"], micro["targets"])
     (grads,) = back(grads)
     return loss, grads
 
 
-def _body(params, tokens, targets, *, cfg: gpt.GPTConfig, n_stages: int):
+def _body(params, tokens, targets, *, cfg: gpt.GPTConfig, n_stages: int, manual):
     axis, last = st.AXIS, n_stages - 1
     s = jax.lax.axis_index(axis)
     m = tokens.shape[0]
     stash_slots = min(m, 2 * n_stages - 1)
-    # Every parameter marked as varying over `stage`: the gradients each stage takes below
-    # stay its own (no implicit psum per tick); one psum at the end adds them up.
-    params = st.varying(params)
+    # Every parameter marked as varying over the manual axes: the gradients each stage and
+    # data slice takes below stay its own (no implicit psum per tick) until the end.
+    params = st.varying(params, manual)
     layers = params["layers"]
     head = {"final_norm": params["final_norm"], "head": params["head"]}
     cos, sin = gpt.rope_for(tokens[0], cfg)
@@ -80,7 +81,8 @@ def _body(params, tokens, targets, *, cfg: gpt.GPTConfig, n_stages: int):
         y = stage_fn(layers, x)
         mine = ok & (s == last)
         loss_i, head_vjp = jax.vjp(lambda h, y: gpt.head_loss(h, y, targets[ic], cfg), head, y)
-        d_head, dy = head_vjp(jnp.where(mine, 1.0 / m, 0.0).astype(loss_i.dtype))
+        scale = st.varying(jnp.where(mine, 1.0 / m, 0.0).astype(loss_i.dtype), manual)
+        d_head, dy = head_vjp(scale)
         grads = {**grads, **jax.tree.map(jnp.add, {k: grads[k] for k in d_head}, d_head)}
         loss_sum = loss_sum + jnp.where(mine, loss_i, 0.0)
         recv_f = jax.lax.ppermute(y, axis, [(k, k + 1) for k in range(last)])
@@ -115,7 +117,7 @@ def _body(params, tokens, targets, *, cfg: gpt.GPTConfig, n_stages: int):
     act = jnp.zeros((*tokens.shape[1:], cfg.d_model), cfg.dtype)
     stash = jnp.zeros((stash_slots, *act.shape), act.dtype)
     zeros = jax.tree.map(jnp.zeros_like, params)
-    carry = st.varying((act, act, stash, zeros, jnp.zeros((), jnp.float32)))
+    carry = st.varying((act, act, stash, zeros, jnp.zeros((), jnp.float32)), manual)
     phases = (
         (0, last, True, False),  # warm-up: forwards only
         (last, m + last, True, True),  # steady state: one forward and one backward
@@ -126,6 +128,14 @@ def _body(params, tokens, targets, *, cfg: gpt.GPTConfig, n_stages: int):
         carry, _ = jax.lax.scan(step, carry, jnp.arange(start, stop))
     grads, loss_sum = carry[3], carry[4]
     # Only the last stage holds the loss and the head's gradients, only stage 0 the
-    # embedding's: the psum over `stage` gives every stage the whole.
-    shared = {k: jax.lax.psum(v, axis) for k, v in grads.items() if k != "layers"}
-    return jax.lax.psum(loss_sum, axis) / m, {**shared, "layers": grads["layers"]}
+    # embedding's: the psum over `stage` gives every stage the whole. Each data slice
+    # averaged its own rows: the mean over `data` gives the batch's.
+    slices = st.data_slices(manual)
+    data = tuple(a for a in manual if a != axis)
+    grads = {
+        k: jax.tree.map(
+            lambda g, k=k: jax.lax.psum(g, data if k == "layers" else manual) / slices, v
+        )
+        for k, v in grads.items()
+    }
+    return jax.lax.psum(loss_sum, manual) / (m * slices), grads

@@ -67,15 +67,36 @@ def embed_all(params, tokens_mbt, cfg: gpt.GPTConfig):
     return jax.lax.map(lambda tok: gpt.embed(params, tok, cfg), tokens_mbt)
 
 
-def varying(x):
-    """Mark a loop-carry initial value as differing across stages, as ppermute's output is."""
+def manual_axes() -> tuple[str, ...]:
+    """The axes the schedules split by hand: `stage`, and `data` when it splits the batch.
+    `data` replicates every parameter, so each data slice can sum its own gradients over
+    all the ticks and reduce them once at the end; left automatic, XLA all-reduces the
+    gradients over `data` on every tick."""
+    ctx = current_context()
+    if ctx.mesh.shape["data"] > 1 and "data" in ctx.rules.mesh_axes("batch")[:1]:
+        return (AXIS, "data")
+    return (AXIS,)
+
+
+def batch_spec(manual) -> P:
+    """shard_map in_spec of (M, b, t) microbatched tokens."""
+    return P(None, "data") if "data" in manual else P()
+
+
+def data_slices(manual) -> int:
+    return int(mesh().shape["data"]) if "data" in manual else 1
+
+
+def varying(x, axes=(AXIS,)):
+    """Mark values as differing across `axes`: loop carries (as ppermute's output differs
+    across stages) and parameters, whose gradients each stage or data slice then keeps to
+    itself until one psum at the end (an implicit psum would run on every tick)."""
 
     def cast(a):
-        return (
-            a
-            if AXIS in jax.typeof(a).manual_axis_type.varying
-            else jax.lax.pcast(a, AXIS, to="varying")
-        )
+        for axis in axes:
+            if axis not in jax.typeof(a).manual_axis_type.varying:
+                a = jax.lax.pcast(a, axis, to="varying")
+        return a
 
     return jax.tree.map(cast, x)
 
