@@ -95,6 +95,7 @@ def logical_to_spec(
     mesh: Mesh,
     rules: Rules | None = None,
     shape: Sequence[int] | None = None,
+    manual: Sequence[str] = (),
 ) -> PartitionSpec:
     """PartitionSpec for an array whose dimensions carry `logical` names.
 
@@ -102,7 +103,8 @@ def logical_to_spec(
     dimension is not divisible by the mesh axes it is split over.
     """
     rules = rules or Rules()
-    sizes = dict(mesh.shape)
+    # Axes a shard_map already splits by hand (`manual`) count as size 1: `shape` is local.
+    sizes = {a: 1 if a in manual else n for a, n in dict(mesh.shape).items()}
     used: dict[str, str | None] = {}
     entries = []
     for dim, name in enumerate(logical):
@@ -169,5 +171,11 @@ def constrain(x: jax.Array, logical: Logical) -> jax.Array:
     ctx = _CONTEXT.get()
     if ctx is None:
         return x
-    spec = logical_to_spec(logical, ctx.mesh, ctx.rules, x.shape)
-    return jax.lax.with_sharding_constraint(x, NamedSharding(ctx.mesh, spec))
+    here = jax.sharding.get_abstract_mesh()
+    if here.empty or not here.manual_axes:
+        here = None
+    # Inside a partly manual `shard_map` (the pipeline's, manual over `stage` and `data`) a
+    # constraint names the tracing context's abstract mesh and only the automatic axes.
+    manual = here.manual_axes if here is not None else ()
+    spec = logical_to_spec(logical, ctx.mesh, ctx.rules, x.shape, manual)
+    return jax.lax.with_sharding_constraint(x, NamedSharding(here or ctx.mesh, spec))

@@ -77,7 +77,8 @@ def test_refuses_pure_dp_for_llama_7b_on_8_h100():
     assert plan.method == "analytic"
     assert all(s.candidate.spec != "data=8" for s in plan.ranked)
     best = sizes(plan.best.candidate.spec, 8)
-    assert plan.best.fits and (best["fsdp"] > 1 or best["tensor"] > 1)
+    # Any layout that splits the weights (fsdp, tensor or pipeline stages) may win.
+    assert plan.best.fits and (best["fsdp"] > 1 or best["tensor"] > 1 or best["stage"] > 1)
 
 
 def test_a_model_that_fits_no_plan():

@@ -25,9 +25,17 @@ def add_parser(sub) -> None:
         "--context-parallel", choices=CONTEXT_PARALLEL, help="with sequence > 1 (default: ring)"
     )
     p.add_argument("--grad-accum", type=positive_int, default=1)
+    add_pipeline_flags(p)
     p.add_argument("--top", type=positive_int, default=8, help="largest parameters to list")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--hlo", metavar="FILE", help="also write the compiled per-device HLO here")
+
+
+def add_pipeline_flags(p) -> None:
+    """`spmd train`'s pipeline flags (TrainConfig fields), for a mesh with stage>1."""
+    p.add_argument("--pipeline-schedule", help="gpipe, 1f1b or interleaved (default: gpipe)")
+    p.add_argument("--microbatches", type=positive_int, help="default: stage")
+    p.add_argument("--virtual-stages", type=positive_int, help="interleaved (default: 2)")
 
 
 def add_model_flags(p) -> None:
@@ -64,6 +72,7 @@ def run(args) -> int:
     from spmd.compiler import cost, render, report
     from spmd.errors import SpmdError
     from spmd.models import parse_overrides
+    from spmd.train.config import TrainConfig
     from spmd.train.outputs import check_output_file
 
     hw = cost.get_hardware(args.hardware)  # a bad name fails before JAX starts
@@ -84,6 +93,11 @@ def run(args) -> int:
         context_parallel=args.context_parallel,
         overrides=parse_overrides(args.overrides),
         hlo_path=args.hlo,
+        pipeline=TrainConfig(
+            pipeline_schedule=args.pipeline_schedule,
+            microbatches=args.microbatches,
+            virtual_stages=args.virtual_stages,
+        ).pipeline(),
     )
     warn_on_dtype(hw, rep.dtype)
     print(report.dumps(rep) if args.json else render.render_text(rep, args.top))

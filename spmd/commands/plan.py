@@ -73,7 +73,13 @@ def _print_text(p, hw, top: int) -> None:
         if p.method == "compiled"
         else f"scored by the ANALYTIC estimate, not compiled: {p.why}"
     )
-    print(f"best: --mesh {best.spec} --remat {best.remat} --grad-accum {best.grad_accum}  ({how})")
+    pipe = ""
+    if best.microbatches:
+        pipe = f" --pipeline-schedule 1f1b --microbatches {best.microbatches}"
+    print(
+        f"best: --mesh {best.spec} --remat {best.remat} --grad-accum {best.grad_accum}{pipe}"
+        f"  ({how})"
+    )
 
 
 def _table_rows(p, top: int) -> list[list[str]]:
@@ -82,7 +88,7 @@ def _table_rows(p, top: int) -> list[list[str]]:
     # The prediction runs matmuls at the profile's achieved efficiency, attention and
     # elementwise work at theirs (spmd.compiler.cost): a prediction, not a bound.
     eff = f"MFU ({p.hardware.matmul_efficiency:.0%} mm)"
-    head = ["#", "mesh", "remat", "accum", "memory/device", "step", "tokens/s", eff]
+    head = ["#", "mesh", "remat", "accum", "1f1b M", "memory/device", "step", "tokens/s", eff]
     rows = [[*head, "method"]]
     for i, s in enumerate(p.ranked[:top], 1):
         c, pr = s.candidate, s.prediction
@@ -92,6 +98,7 @@ def _table_rows(p, top: int) -> list[list[str]]:
                 c.spec,
                 c.remat,
                 str(c.grad_accum),
+                str(c.microbatches or "-"),
                 fmt_bytes(s.memory_bytes),
                 fmt_time(pr.step_time_s),
                 f"{pr.tokens_per_s:,.0f}",

@@ -65,6 +65,14 @@ def add_parser(sub) -> None:
     p.add_argument("--resume", action="store_true", help="continue from the newest valid ckpt")
     p.add_argument("--sync-ckpt", action="store_true", help="block on every save (for comparison)")
     field("init_from", metavar="CKPT", help="fine-tune: start from this checkpoint's weights")
+    field(
+        "pipeline_schedule",
+        help="gpipe, 1f1b or interleaved, on a mesh with stage>1 (default: gpipe)",
+    )
+    field("microbatches", type=positive_int, help="pipeline microbatches per step (default: stage)")
+    field(
+        "virtual_stages", type=positive_int, help="chunks per stage, interleaved only (default: 2)"
+    )
 
 
 def _field_adder(p):

@@ -7,6 +7,7 @@ compiles of gpt-small and llama-7b; the planner re-calibrates activations on eve
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping, Sequence
 
@@ -49,17 +50,22 @@ def analytic_estimate(model: Model, c: Candidate, batch: int, seq: int, hw, dtyp
     spmd.models.gpt's structure, calibrated against compiles of gpt-small and llama-7b."""
     s = c.sizes
     shards = c.layout(rules).batch_shards
-    n = batch // c.grad_accum // shards * seq  # tokens per device per microbatch
+    m = c.microbatches or 1  # pipeline microbatches (1F1B over `stage`)
+    n = batch // c.grad_accum // shards * seq // m  # tokens per device per microbatch
     cb = 2 if dtype == "bfloat16" else 4
     params = param_bytes(model, s, rules)  # float32 shards, as stored
     gathered = param_bytes(model, s | {"fsdp": 1, "data": 1}, rules)  # after FSDP gathers
-    memory = _analytic_memory(model.cfg, s, c.remat, n, seq, cb, params, gathered)
+    cfg = _stage_cfg(model.cfg, s["stage"])  # the layers one device runs
+    memory = _analytic_memory(cfg, s, c.remat, n, seq, cb, params, gathered)
     memory += 2 * 4 * batch * seq / shards  # inputs and targets
-    traffic = _analytic_bytes(model.cfg, s, c, n, seq, cb, params, gathered)
+    memory += (2 * s["stage"] - 1) * n * cfg.d_model * cb if m > 1 else 0  # 1F1B's stash
+    work = pipeline_work(s["stage"], m)
+    traffic = _analytic_bytes(cfg, s, c, n * m, seq, cb, params, gathered) * work
     comm = _analytic_comm(model, s, c, n, cb, params, gathered, rules)
     # `attention` recomputes the MLP forward, about two thirds of a llama layer's matmuls.
     recompute = {"none": 1.0, "dots": 1.05, "full": 4 / 3, "attention": 1 + 2 / 9}[c.remat]
     flops = cost.model_flops_per_step(model, batch, seq, causal=False) * recompute / _n(s)
+    flops *= work
     split = None
     if not hw.memory_in_roofline:
         tokens = batch * seq / (shards * s["sequence"] * s["stage"])
@@ -67,6 +73,19 @@ def analytic_estimate(model: Model, c: Candidate, batch: int, seq: int, hw, dtyp
     model_flops = cost.model_flops_per_step(model, batch, seq)
     pred = cost.predict(hw, flops, traffic, comm, model_flops, batch * seq, _n(s), split)
     return memory, pred
+
+
+def pipeline_work(stages: int, m: int) -> float:
+    """Each device's compute under 1F1B over an ideal split of the step. The loop runs
+    M+S-1 forward and M+S-1 backward ticks (the bubble), and a backward recomputes its
+    stage's forward (2F + B, with B = 2F: 4/3 of F + B)."""
+    if stages == 1:
+        return 1.0
+    return 4 * (m + stages - 1) / (3 * m)
+
+
+def _stage_cfg(cfg, stages: int):
+    return dataclasses.replace(cfg, n_layers=cfg.n_layers // stages) if stages > 1 else cfg
 
 
 def _analytic_memory(cfg, s, remat, n, seq, cb, params, gathered) -> float:
@@ -107,6 +126,12 @@ def _n(sizes) -> int:
 
 def _analytic_comm(model, s, c, n, cb, params, gathered, rules) -> list[cost.CommItem]:
     d, L, v, ga = model.cfg.d_model, model.cfg.n_layers, model.cfg.vocab_size, c.grad_accum
+    stages, m = s["stage"], c.microbatches or 1
+    L //= stages  # the layers one device holds and runs
+    # A pipeline runs its layers once per tick: M+S-1 forward ticks and as many backward
+    # ticks, each of which recomputes the forward first (spmd/parallel/one_f_one_b.py).
+    passes = m + stages - 1 if stages > 1 else 1
+    forwards = 2 if stages > 1 else 1
     layer_weights = sum(
         1
         for spec in jax.tree.leaves(model.specs(), is_leaf=param_lib.is_spec)
@@ -126,14 +151,20 @@ def _analytic_comm(model, s, c, n, cb, params, gathered, rules) -> list[cost.Com
     # come back through the cast (spmd.models.gpt.in_compute_dtype); `gathered` is float32.
     wire = gathered * cb / 4
     per_weight = wire / L / max(layer_weights, 1)
-    add("all-gather", per_weight, 2 * L * layer_weights * ga, ("fsdp",))
-    add("reduce-scatter", wire / L, L * ga, ("fsdp",))
+    add("all-gather", per_weight, (1 + forwards) * passes * L * layer_weights * ga, ("fsdp",))
+    add("reduce-scatter", wire / L, passes * L * ga, ("fsdp",))
     # Data parallel: all-reduce the (FSDP/TP-sharded) gradients of each layer.
     add("all-reduce", params * cb / 4 / L, L * ga, ("data",))  # through the cast too
     # Tensor parallel: two activation all-reduces per layer forward, two backward (and the
     # forward's again when it is recomputed).
-    add("all-reduce", n * d * cb, (6 if c.remat == "full" else 4) * L * ga, ("tensor",))
+    tp = 6 if c.remat == "full" or stages > 1 else 4
+    add("all-reduce", n * d * cb, tp * passes * L * ga, ("tensor",))
     # The embedding table, gathered whole for the lookup, and its dense gradient.
-    add("all-gather", v * d * 4, ga, ("fsdp", "tensor"))
+    add("all-gather", v * d * 4, passes * ga, ("fsdp", "tensor"))
     add("all-reduce", v * d * 4, 1, ("data", "fsdp", "tensor"))
+    # The pipeline: a microbatch's activations to the next stage each forward tick and its
+    # cotangents back each backward tick; the embedding's and head's gradients, which only
+    # the first and last stage compute, summed over `stage` once.
+    add("collective-permute", n * d * cb, 2 * passes * ga, ("stage",))
+    add("all-reduce", 2 * v * d * 4, ga if stages > 1 else 0, ("stage",))
     return items

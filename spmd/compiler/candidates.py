@@ -17,10 +17,15 @@ from spmd.errors import SpmdError
 from spmd.layout import Layout
 from spmd.mesh import MESH_AXES, MeshConfig
 from spmd.models import Model
+from spmd.parallel import pipeline as pipeline_lib
 from spmd.rules import Rules
 
-# `sequence` and `stage` join the search once ring attention and pipelining exist.
-SEARCH_AXES = ("data", "fsdp", "tensor")
+# `sequence` joins the search once ring attention exists. A layout with `stage` runs the
+# 1F1B pipeline with as many microbatches as the batch allows, up to 8 per stage: the more,
+# the smaller the bubble, (S-1)/(M+S-1).
+SEARCH_AXES = ("data", "stage", "fsdp", "tensor")
+PIPELINE_SCHEDULE = "1f1b"
+MICROBATCHES_PER_STAGE = (8, 4, 2, 1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,6 +33,13 @@ class Candidate:
     mesh: tuple[tuple[str, int], ...]  # all six axes
     remat: str
     grad_accum: int
+    microbatches: int = 0  # pipeline microbatches (1F1B) when `stage` > 1
+
+    def pipeline(self):
+        """The PipelineConfig this candidate runs (None without `stage`)."""
+        if not self.microbatches:
+            return None
+        return pipeline_lib.PipelineConfig(PIPELINE_SCHEDULE, self.microbatches)
 
     @property
     def sizes(self) -> dict[str, int]:
@@ -42,7 +54,8 @@ class Candidate:
         return Layout.abstract(self.sizes, rules)
 
     def label(self) -> str:
-        return f"{self.spec} remat={self.remat} grad_accum={self.grad_accum}"
+        pipe = f" {PIPELINE_SCHEDULE} M={self.microbatches}" if self.microbatches else ""
+        return f"{self.spec} remat={self.remat} grad_accum={self.grad_accum}{pipe}"
 
 
 def factorisations(n: int, k: int) -> list[tuple[int, ...]]:
@@ -66,6 +79,24 @@ def check_candidate(model: Model, sizes, batch, grad_accum, hw, rules=None) -> N
     layout.check_batch(batch, grad_accum)
 
 
+def pipeline_microbatches(model: Model, sizes, batch, grad_accum, rules=None) -> int:
+    """The most microbatches (up to 8 per stage) that 1F1B accepts here; 0 without `stage`.
+    Raises SpmdError (the schedule's own check) when none does."""
+    stages = sizes["stage"]
+    if stages == 1:
+        return 0
+    layout = Layout.abstract(sizes, rules)
+    error = None
+    for per_stage in MICROBATCHES_PER_STAGE:
+        pipe = pipeline_lib.PipelineConfig(PIPELINE_SCHEDULE, per_stage * stages)
+        try:
+            pipeline_lib.for_program(pipe, model, layout, batch // grad_accum)
+            return pipe.microbatches
+        except SpmdError as e:
+            error = error or e
+    raise error
+
+
 def enumerate_candidates(
     model: Model, devices: int, hw: cost.Hardware, batch: int, remats, grad_accums, rules=None
 ) -> tuple[list[Candidate], list[tuple[str, str]]]:
@@ -76,8 +107,9 @@ def enumerate_candidates(
         for ga in grad_accums:
             try:
                 check_candidate(model, sizes, batch, ga, hw, rules)
+                m = pipeline_microbatches(model, sizes, batch, ga, rules)
             except SpmdError as e:
                 rejected.append((MeshConfig(**sizes).spec(), str(e)))
                 continue
-            ok += [Candidate(tuple(sizes.items()), r, ga) for r in remats]
+            ok += [Candidate(tuple(sizes.items()), r, ga, m) for r in remats]
     return ok, rejected

@@ -58,6 +58,7 @@ class Scored:
             "mesh_axes": c.sizes,
             "remat": c.remat,
             "grad_accum": c.grad_accum,
+            "microbatches": c.microbatches,
             "method": self.method,
             "memory_bytes": self.memory_bytes,
             "fits": self.fits,
@@ -129,6 +130,7 @@ def _cache_key(model: Model, c: Candidate, batch, seq, rules) -> str:
             repr(model.cfg),
             c.mesh,
             c.grad_accum,
+            c.microbatches,
             batch,
             seq,
             repr(rules),
@@ -149,7 +151,12 @@ def compiled_stats(model: Model, c: Candidate, batch, seq, rules=None, use_cache
         except (ValueError, KeyError, TypeError):
             pass  # a stale or torn entry: compile again
     program = TrainProgram.for_tokens(
-        model, Layout.make(c.sizes, rules), batch, seq, grad_accum=c.grad_accum
+        model,
+        Layout.make(c.sizes, rules),
+        batch,
+        seq,
+        grad_accum=c.grad_accum,
+        pipeline=c.pipeline(),
     )
     stats = report.compile_stats(program)
     if use_cache:
@@ -312,8 +319,9 @@ def _compile_best(fitting, batch, seq, hw, calib, want, max_compiles, use_cache,
         model = calib.models[c.remat]
         stats, cached = compiled_stats(model, c, batch, seq, calib.rules, use_cache)
         program = TrainProgram.for_tokens(
-            model, c.layout(calib.rules), batch, seq, grad_accum=c.grad_accum
-        )
+            model, c.layout(calib.rules), batch, seq, grad_accum=c.grad_accum,
+            pipeline=c.pipeline(),
+        )  # fmt: skip
         rep = report.make_report(program, hw, stats)
         s = Scored(c, "compiled", stats.memory["total_bytes"], rep.fits, rep.prediction, rep)
         out.append(s)

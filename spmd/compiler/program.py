@@ -22,6 +22,7 @@ import optax
 from spmd.errors import SpmdError
 from spmd.layout import Layout, sharded_structs
 from spmd.models import Model, get_model
+from spmd.parallel import pipeline as pipeline_lib
 from spmd.parallel import ring_attention
 from spmd.train import optim, state, step
 
@@ -87,9 +88,18 @@ class TrainProgram:
     tx: optax.GradientTransformation
     schedule: Callable
     grad_accum: int = 1
+    pipeline: pipeline_lib.PipelineConfig | None = None  # as asked; `pipe` is what runs
 
     def __post_init__(self):
         self.layout.check_batch(self.batch, self.grad_accum)
+        _ = self.pipe  # a bad pipeline is refused here, before anything compiles
+
+    @functools.cached_property
+    def pipe(self) -> pipeline_lib.PipelineConfig | None:
+        """The pipeline schedule this program runs (None unless the mesh has `stage`)."""
+        return pipeline_lib.for_program(
+            self.pipeline, self.model, self.layout, self.batch // self.grad_accum
+        )
 
     @classmethod
     def for_tokens(
@@ -101,13 +111,15 @@ class TrainProgram:
         *,
         grad_accum: int = 1,
         optimizer: optim.OptimConfig | None = None,
+        pipeline: pipeline_lib.PipelineConfig | None = None,
     ) -> TrainProgram:
         """A language model's program: every batch entry is `(batch, seq)` token ids."""
         # Before the batch's shardings, whose error would not say why it takes 2*sequence.
         ring_attention.check_length(seq, ring_attention.shards(layout.mesh, layout.rules))
         tx, schedule = optim.make_optimizer(optimizer or optim.OptimConfig())
         tokens = jax.ShapeDtypeStruct((batch, seq), np.int32)
-        return cls(model, layout, {k: tokens for k in model.batch_axes}, tx, schedule, grad_accum)
+        batch_spec = {k: tokens for k in model.batch_axes}
+        return cls(model, layout, batch_spec, tx, schedule, grad_accum, pipeline)
 
     @property
     def shapes(self) -> dict[str, tuple[int, ...]]:
@@ -146,6 +158,7 @@ class TrainProgram:
             opt=self.tx,
             schedule=self.schedule,
             grad_accum=self.grad_accum,
+            pipeline=self.pipe,
         )
         return jax.jit(
             self.layout.traced(fn),

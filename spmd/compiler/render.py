@@ -41,6 +41,7 @@ def render_text(r: Report, top: int = 8) -> str:
         f"mesh      {on}   [{every}]",
         f"batch     {r.batch} x {r.seq} tokens | grad-accum {r.grad_accum} | "
         f"remat {r.remat} | dtype {r.dtype}",
+        *_pipeline_lines(r),
         "",
         f"largest parameters ({len(r.param_rows)} in all)",
     ]
@@ -56,6 +57,19 @@ def render_text(r: Report, top: int = 8) -> str:
     lines += ["", "collectives per step, per device (ring time on this hardware)"]
     lines += _collective_lines(r) + [""] + _prediction_lines(r)
     return "\n".join(lines)
+
+
+def _pipeline_lines(r: Report) -> list[str]:
+    p = r.pipeline
+    if p is None:
+        return []
+    s, m, v = p["stages"], p["microbatches"], p["virtual_stages"]
+    formula = f"({s}-1)/({v}x{m}+{s}-1)" if v > 1 else f"({s}-1)/({m}+{s}-1)"
+    chunks = f" x {v} virtual stages" if v > 1 else ""
+    return [
+        f"pipeline  {p['schedule']} over stage={s}{chunks} | {m} microbatches | "
+        f"bubble {p['bubble']:.1%} = {formula} (collective-permutes over stage below)"
+    ]
 
 
 def _memory_lines(r: Report) -> list[str]:

@@ -178,6 +178,7 @@ class Report:
     param_rows: list[dict]
     method: str = "compiled"
     cfg: object = None  # the model's config, for the kernel split (None: not a transformer)
+    pipeline: dict | None = None  # the schedule over `stage` and its bubble (None: no stage)
 
     @property
     def comm_items(self) -> list[cost.CommItem]:
@@ -280,6 +281,7 @@ class Report:
             "model_flops_per_step": self.model_flops_per_step,
             "collectives": self.collective_groups(),
             "predicted": self.prediction.to_json(),
+            "pipeline": self.pipeline,
             "largest_params": self.param_rows[:10],
             "compile_s": self.stats.compile_s,
         }
@@ -299,8 +301,10 @@ def explain(
     hlo_path: str | None = None,
     attention: str | None = None,
     context_parallel: str | None = None,
+    pipeline=None,
 ) -> Report:
-    """Compile the train step for `model` on `mesh` (all of JAX's devices) and report it."""
+    """Compile the train step for `model` on `mesh` (all of JAX's devices) and report it.
+    `pipeline`: a PipelineConfig for a mesh with `stage` (None: its defaults)."""
     hw = cost.get_hardware(hardware)  # fail on a bad name before compiling anything
     m = build_model(
         model, overrides, remat=remat, dtype=dtype, attention=attention, seq=seq,
@@ -308,7 +312,9 @@ def explain(
     )  # fmt: skip
     layout = Layout.make(mesh, rules)
     batch = batch or default_batch(layout.devices)
-    program = TrainProgram.for_tokens(m, layout, batch, seq, grad_accum=grad_accum)
+    program = TrainProgram.for_tokens(
+        m, layout, batch, seq, grad_accum=grad_accum, pipeline=pipeline
+    )
     return make_report(program, hw, compile_stats(program, hlo_path))
 
 
@@ -331,7 +337,25 @@ def make_report(program: TrainProgram, hw: cost.Hardware, stats: CompiledStats) 
         model_flops_per_step=cost.model_flops_per_step(m, batch, seq),
         param_rows=param_rows(m, layout),
         cfg=m.cfg,
+        pipeline=pipeline_summary(program),
     )
+
+
+def pipeline_summary(program: TrainProgram) -> dict | None:
+    """The schedule the program runs over `stage`, with its bubble: the fraction of each
+    stage's time spent idle, (S-1)/(V*M+S-1)."""
+    pipe = program.pipe
+    if pipe is None:
+        return None
+    stages = program.layout.shape["stage"]
+    return {
+        "schedule": pipe.schedule,
+        "stages": stages,
+        "microbatches": pipe.microbatches,
+        "virtual_stages": pipe.virtual_stages,
+        "ticks": pipe.ticks(stages),
+        "bubble": pipe.bubble(stages),
+    }
 
 
 def dumps(report: Report) -> str:

@@ -258,21 +258,36 @@ def _is_spec(x) -> bool:
     return isinstance(x, ParamSpec)
 
 
-def hidden_states(params, tokens_bt, cfg: GPTConfig, positions_t=None):
-    """The final-norm hidden states (b, t, d) of a causal pass over `tokens_bt`, whose
-    positions are `positions_t` (default 0..t-1; a permutation under context parallelism)."""
+def rope_for(tokens_bt, cfg: GPTConfig, positions_t=None):
+    """The rotary tables of a (b, t) batch at `positions_t` (default 0..t-1; a permutation
+    under context parallelism)."""
     b, t = tokens_bt.shape
-    x = embed(params, tokens_bt, cfg)
     positions_t = jnp.arange(t) if positions_t is None else positions_t
-    cos, sin = rope_tables(jnp.broadcast_to(positions_t, (b, t)), cfg.head_dim, cfg.rope_theta)
+    return rope_tables(jnp.broadcast_to(positions_t, (b, t)), cfg.head_dim, cfg.rope_theta)
+
+
+def layer_stack(layers, x_btd, cos, sin, cfg: GPTConfig):
+    """The stacked decoder layers `layers` (already in the compute dtype) applied in order.
+    Public because a pipeline stage runs a slice of the stack (spmd/parallel/pipeline.py)."""
 
     def body(x, layer_params):
         return block(x, layer_params, cos, sin, cfg), None
 
-    layers = in_compute_dtype(params, cfg)["layers"]
     with jax.named_scope("layers"):
-        x, _ = jax.lax.scan(remat(body, cfg.remat), x, layers, unroll=cfg.scan_unroll)
-    return rms_norm(x, params["final_norm"], cfg.norm_eps)
+        x_btd, _ = jax.lax.scan(remat(body, cfg.remat), x_btd, layers, unroll=cfg.scan_unroll)
+    return x_btd
+
+
+def trunk(params, tokens_bt, cfg: GPTConfig, positions_t=None):
+    """The residual stream (b, t, d) after the last layer, before the final norm."""
+    x = embed(params, tokens_bt, cfg)
+    cos, sin = rope_for(tokens_bt, cfg, positions_t)
+    return layer_stack(in_compute_dtype(params, cfg)["layers"], x, cos, sin, cfg)
+
+
+def hidden_states(params, tokens_bt, cfg: GPTConfig, positions_t=None):
+    """The final-norm hidden states (b, t, d) of a causal pass over `tokens_bt`."""
+    return rms_norm(trunk(params, tokens_bt, cfg, positions_t), params["final_norm"], cfg.norm_eps)
 
 
 def head_matrix(params):
@@ -312,14 +327,22 @@ def loss_fn(params, batch, cfg: GPTConfig):
     """Mean next-token cross-entropy. batch: `inputs` and `targets`, both (b, t) int32."""
     # Inputs and targets permuted alike: the mean over all positions is unchanged.
     order, (inputs, targets) = in_context_order(batch["inputs"], batch["targets"])
-    x = hidden_states(params, inputs, cfg, order)
+    x = trunk(params, inputs, cfg, order)
+    return head_loss(params, x, targets, cfg, in_context_order=order is not None)
+
+
+def head_loss(params, x_btd, targets_bt, cfg: GPTConfig, in_context_order: bool = False):
+    """Final norm, head and mean cross-entropy of the last layer's output `x_btd` (the
+    pipeline's last stage computes it per microbatch)."""
+    x = rms_norm(x_btd, params["final_norm"], cfg.norm_eps)
     head = constrain(head_matrix(params).astype(cfg.dtype), ("embed", "vocab"))  # gathered cast
     rows = ROWS
-    if order is not None:  # rows in an order that flattens without moving data
-        x, targets = (ring_attention.shard_major(a, ring_attention.shards()) for a in (x, targets))
+    if in_context_order:  # rows in an order that flattens without moving data
+        shards = ring_attention.shards()
+        x, targets_bt = (ring_attention.shard_major(a, shards) for a in (x, targets_bt))
         rows = ring_attention.SHARD_MAJOR_ROWS
     with jax.named_scope("loss"):
-        return cross_entropy(x, head, targets, cfg.loss_chunks, rows)
+        return cross_entropy(x, head, targets_bt, cfg.loss_chunks, rows)
 
 
 BATCH_AXES = {"inputs": ("batch", "length"), "targets": ("batch", "length")}

@@ -44,6 +44,12 @@ class TrainConfig:
     async_ckpt: bool = True
     # Fine-tuning (spmd/train/init_from.py): start from this checkpoint's weights and model.
     init_from: str | None = None
+    # Pipeline parallelism over the mesh axis `stage` (spmd/parallel/pipeline.py). None: the
+    # pipeline's defaults (gpipe, `stage` microbatches, V=2 for interleaved); any of them
+    # given on a mesh without `stage` is refused.
+    pipeline_schedule: str | None = None
+    microbatches: int | None = None
+    virtual_stages: int | None = None
 
     def __post_init__(self):
         counts = ("steps", "batch", "seq", "grad_accum", "eval_batches", "ckpt_every", "keep")
@@ -76,6 +82,16 @@ class TrainConfig:
                 f"{vocab_size}; use --set vocab_size={vocab_size}"
             )
         return model
+
+    def pipeline(self):
+        """The PipelineConfig these flags ask for (None: no pipeline flag given)."""
+        if (self.pipeline_schedule, self.microbatches, self.virtual_stages) == (None,) * 3:
+            return None
+        from spmd.parallel.pipeline import PipelineConfig  # jax: only when needed
+
+        schedule = self.pipeline_schedule or "gpipe"
+        virtual = self.virtual_stages or (2 if schedule == "interleaved" else 1)
+        return PipelineConfig(schedule, self.microbatches, virtual)
 
     def optimizer(self):
         from spmd.train import optim

@@ -14,6 +14,7 @@ import optax
 
 from spmd import params as param_lib
 from spmd.models import Model
+from spmd.parallel import pipeline as pipeline_lib
 from spmd.rules import constrain
 from spmd.train.state import TrainState
 
@@ -27,9 +28,14 @@ def split_microbatches(x: jax.Array, n: int) -> jax.Array:
     return jnp.swapaxes(x.reshape(x.shape[0] // n, n, *x.shape[1:]), 0, 1)
 
 
-def loss_and_grads(model: Model, params, batch, grad_accum: int):
-    """(loss, the model's metrics, grads), each averaged over the microbatches."""
-    grad_fn = jax.value_and_grad(model.loss_and_metrics, has_aux=True)
+def loss_and_grads(model: Model, params, batch, grad_accum: int, pipeline=None):
+    """(loss, the model's metrics, grads), each averaged over the microbatches; `pipeline`
+    (a PipelineConfig) runs them as a pipeline over the `stage` axis, inside each
+    gradient-accumulation microbatch (pipelined models report no metrics of their own)."""
+    if pipeline is None:
+        grad_fn = jax.value_and_grad(model.loss_and_metrics, has_aux=True)
+    else:
+        grad_fn = _no_metrics(pipeline_lib.value_and_grad(model, pipeline))
     if grad_accum == 1:
         (loss, aux), grads = grad_fn(params, batch)
         return loss, aux, grads
@@ -49,6 +55,14 @@ def loss_and_grads(model: Model, params, batch, grad_accum: int):
     return loss_sum / grad_accum, aux, jax.tree.map(lambda g: g / grad_accum, grad_sum)
 
 
+def _no_metrics(grad_fn):
+    def with_empty_metrics(params, batch):
+        loss, grads = grad_fn(params, batch)
+        return (loss, {}), grads
+
+    return with_empty_metrics
+
+
 def _constrain_like_params(tree, axes):
     return jax.tree.map(
         lambda a, x: constrain(x, a), axes, tree, is_leaf=lambda a: isinstance(a, tuple)
@@ -63,9 +77,10 @@ def train_step(
     opt: optax.GradientTransformation,
     schedule: Callable,
     grad_accum: int = 1,
+    pipeline=None,
 ):
     """One optimizer step on the global batch (averaged over `grad_accum` microbatches)."""
-    loss, aux, grads = loss_and_grads(model, state.params, batch, grad_accum)
+    loss, aux, grads = loss_and_grads(model, state.params, batch, grad_accum, pipeline)
     updates, opt_state = opt.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = {

@@ -139,6 +139,7 @@ def setup(cfg: TrainConfig, rules: Rules | None = None) -> Run:
         cfg.seq,
         grad_accum=cfg.grad_accum,
         optimizer=cfg.optimizer(),
+        pipeline=cfg.pipeline(),
     )
     rows = process_rows(program.batch_shardings["inputs"], program.shapes["inputs"])
     loader, val_loader, data_id = _loaders(cfg, tokenizer, rows)
