@@ -14,7 +14,7 @@ import sys
 from spmd.cli import positive_int
 from spmd.models.attention import IMPLEMENTATIONS as ATTENTION
 from spmd.models.gpt import DTYPES, REMAT_POLICIES
-from spmd.train.config import TrainConfig
+from spmd.train.config import OPTIMIZERS, OUTER_OPTIMIZERS, TrainConfig
 
 DEFAULTS = TrainConfig()
 
@@ -58,6 +58,12 @@ def add_parser(sub) -> None:
     field("keep", type=positive_int, help="checkpoints to keep")
     p.add_argument("--resume", action="store_true", help="continue from the newest valid ckpt")
     p.add_argument("--sync-ckpt", action="store_true", help="block on every save (for comparison)")
+    # Local SGD / DiLoCo (spmd/parallel/local_sgd.py)
+    field("optimizer", choices=OPTIMIZERS, help="the (inner) optimizer; sgd: no clipping or decay")
+    field("local_steps", type=positive_int, help="local SGD over `data`: sync every H steps")
+    field("outer_optimizer", choices=OUTER_OPTIMIZERS, help="avg, or DiLoCo's nesterov")
+    field("outer_lr", type=float, help="the outer optimizer's learning rate")
+    field("outer_momentum", type=float, help="the outer Nesterov momentum")
 
 
 def _field_adder(p):

@@ -27,6 +27,8 @@ from spmd.compiler.program import CompiledStep, TrainProgram, build_model
 from spmd.compiler.program_cost import program_cost
 from spmd.layout import Layout
 from spmd.models import Model
+from spmd.parallel import local_sgd
+from spmd.parallel.local_sgd import LocalSGDConfig
 from spmd.rules import Rules
 
 
@@ -178,6 +180,7 @@ class Report:
     param_rows: list[dict]
     method: str = "compiled"
     cfg: object = None  # the model's config, for the kernel split (None: not a transformer)
+    local_sgd: dict | None = None  # under --local-steps: see `local_sgd_comm`
 
     @property
     def comm_items(self) -> list[cost.CommItem]:
@@ -282,6 +285,7 @@ class Report:
             "predicted": self.prediction.to_json(),
             "largest_params": self.param_rows[:10],
             "compile_s": self.stats.compile_s,
+            "local_sgd": self.local_sgd,
         }
 
 
@@ -298,14 +302,40 @@ def explain(
     rules: Rules | None = None,
     hlo_path: str | None = None,
     attention: str | None = None,
+    local_steps: int | None = None,
 ) -> Report:
-    """Compile the train step for `model` on `mesh` (all of JAX's devices) and report it."""
+    """Compile the train step for `model` on `mesh` (all of JAX's devices) and report it.
+    With `local_steps`, the report is of local SGD's inner step, plus `local_sgd_comm`."""
     hw = cost.get_hardware(hardware)  # fail on a bad name before compiling anything
     m = build_model(model, overrides, remat=remat, dtype=dtype, attention=attention, seq=seq)
     layout = Layout.make(mesh, rules)
     batch = batch or default_batch(layout.devices)
-    program = TrainProgram.for_tokens(m, layout, batch, seq, grad_accum=grad_accum)
-    return make_report(program, hw, compile_stats(program, hlo_path))
+    local = LocalSGDConfig(local_steps) if local_steps is not None else None
+    program = TrainProgram.for_tokens(m, layout, batch, seq, grad_accum=grad_accum, local=local)
+    compiled = program.compile()
+    report = make_report(program, hw, stats_from_compiled(compiled, hlo_path))
+    if local:
+        report.local_sgd = local_sgd_comm(compiled)
+    return report
+
+
+def local_sgd_comm(compiled: CompiledStep) -> dict:
+    """Bytes per device over the workers' mesh axes: the inner step's (none, by design), the
+    sync step's, and their average per step when one step in H is a sync step."""
+    program, every = compiled.program, compiled.program.local.local_steps
+    axes = local_sgd.worker_axes(program.layout)
+    sync = dataclasses.replace(compiled, executable=compiled.sync)
+    inner_bytes, sync_bytes = (
+        hlo.bytes_over(hlo.collectives(c.executable.as_text(), program.layout.shape), axes)
+        for c in (compiled, sync)
+    )
+    return {
+        "local_steps": every,
+        "axes": list(axes),
+        "inner_step_bytes": inner_bytes,
+        "sync_step_bytes": sync_bytes,
+        "bytes_per_step": ((every - 1) * inner_bytes + sync_bytes) / every,
+    }
 
 
 def make_report(program: TrainProgram, hw: cost.Hardware, stats: CompiledStats) -> Report:

@@ -75,7 +75,8 @@ class Monitor:
 
     def fetch(self, step: int, metrics) -> dict:
         """Wait for a step's metrics; check them. Every process calls this."""
-        row = {"step": step, **{k: float(v) for k, v in jax.device_get(metrics).items()}}
+        # A local-SGD step's metrics are per worker: their mean is the step's.
+        row = {"step": step, **{k: float(np.mean(v)) for k, v in jax.device_get(metrics).items()}}
         now = time.perf_counter()
         row["step_time_s"], self._last = now - self._last, now
         row["tokens_per_s"] = self.tokens_per_step / row["step_time_s"]

@@ -37,7 +37,7 @@ from spmd.train.stop import StopFlag
 
 # Fields a resumed run must share with its checkpoint: they fix the parameters' shapes and
 # the batch sequence. The mesh, the step count, the learning rate and the rest may change.
-MUST_MATCH = ("model", "overrides", "batch", "seq", "seed", "data", "tokenizer")
+MUST_MATCH = ("model", "overrides", "batch", "seq", "seed", "data", "tokenizer", "local_steps")
 
 
 def device_batch(arrays: dict[str, np.ndarray], shardings, global_shapes=None) -> dict:
@@ -136,7 +136,8 @@ def setup(cfg: TrainConfig, rules: Rules | None = None) -> Run:
         cfg.batch,
         cfg.seq,
         grad_accum=cfg.grad_accum,
-        optimizer=cfg.optimizer(),
+        optimizer=cfg.optimizer_config(),
+        local=cfg.local_sgd(),
     )
     rows = process_rows(program.batch_shardings["inputs"], program.shapes["inputs"])
     loader, val_loader, data_id = _loaders(cfg, tokenizer, rows)
@@ -256,7 +257,7 @@ def _loop(r: Run, mon: monitor.Monitor, checkpointer, stop: StopFlag) -> int:
     any_process = AnyProcess()  # processes must all stop (and save) at the same step
     for step in range(r.start_step + 1, cfg.steps + 1):
         batch = _device_batch(r, r.loader.next())
-        state, metrics = r.step_fn(state, batch)
+        state, metrics = r.step_fn(state, batch, step)
         stopping = any_process(stop.signal is not None)
         if pending is not None:
             mon.write(mon.fetch(*pending))

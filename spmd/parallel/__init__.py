@@ -1,0 +1,1 @@
+"""Parallel schemes beyond one global synchronous step (local SGD / DiLoCo, ...)."""
