@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
 .PHONY: install test test-fast lint train seed compile-time clean bench-ckpt generate \
-	bench-inference strategies bench-attention bench bench-gpu scaling
+	bench-inference strategies bench-attention bench bench-gpu scaling local-sgd
 
 install: $(STAMP)
 
@@ -76,3 +76,8 @@ bench-gpu:
 # gpt-small (fsdp=N) on 1, 2, 4, 8 simulated CPU devices: strong and weak scaling, measured vs predicted.
 scaling: $(STAMP)
 	$(PY) -m experiments.scaling
+
+# Local SGD / DiLoCo (H = 1, 4, 16) against synchronous DP: gpt-small, data=4 workers on 8 CPU devices;
+# eval loss vs steps and vs bytes over `data`. Writes experiments/results/local_sgd.md and .png.
+local-sgd: $(STAMP)
+	$(PY) -m experiments.local_sgd
