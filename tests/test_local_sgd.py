@@ -169,3 +169,21 @@ def test_bad_local_sgd_flags_fail_in_one_line(capsys, tmp_path, extra, message):
     assert main(argv) == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], lines
+
+
+@pytest.mark.slow
+def test_the_experiment_runs_at_a_toy_size(tmp_path):
+    from experiments import local_sgd
+
+    data = jsonl_corpus(tmp_path / "docs.jsonl")
+    runs = local_sgd.main(["--model", "gpt-tiny", "--set", "n_layers=2,d_model=32", "--data", data,
+                           "--steps", "4", "--batch", "8", "--seq", "32", "--warmup", "1",
+                           "--local-steps", "2", "--eval-every", "2", "--eval-batches", "1",
+                           "--out", str(tmp_path)])  # fmt: skip
+    sync, local = runs
+    assert sync["eval_steps"] == local["eval_steps"] == [2, 4]
+    # H=2: half the steps send the parameter delta over data, the others nothing.
+    assert 0 < local["bytes_per_step"] < 0.6 * sync["bytes_per_step"]
+    assert local["eval_bytes"][1] == pytest.approx(2 * local["eval_bytes"][0])
+    assert "DiLoCo H=2" in (tmp_path / "local_sgd.md").read_text()
+    assert (tmp_path / "local_sgd.png").stat().st_size > 0
