@@ -149,6 +149,10 @@ def test_a_stopped_run_resumes_exactly_mid_cycle(tmp_path, env):
     expected, got = losses(whole), {**losses(part1), **losses(part2)}
     assert sorted(got) == list(range(1, 7))
     np.testing.assert_array_equal([got[s] for s in range(1, 7)], [expected[s] for s in range(1, 7)])
+    # The worker states are stacked per data slice: another number of workers is refused.
+    other = cli_args(data, b, part2, 8, "--resume", "--mesh", "data=4,fsdp=2")
+    refused = run_spmd(*other, env=env)
+    assert refused.returncode == 2 and "which has data=2" in refused.stderr, refused.stderr
 
 
 @pytest.mark.parametrize(

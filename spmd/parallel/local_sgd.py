@@ -34,6 +34,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from spmd import params as param_lib
 from spmd.errors import SpmdError
 from spmd.layout import Layout, sharded_structs
+from spmd.mesh import parse_mesh
 from spmd.models import Model
 from spmd.rules import worker_rules
 from spmd.train import state as state_lib
@@ -105,6 +106,19 @@ def check_layout(layout: Layout) -> None:
         raise SpmdError(
             f"--local-steps needs {axes} > 1 (each {axes} slice is one worker), "
             f"but the mesh is {layout.spec}"
+        )
+
+
+def check_same_workers(mesh: str, saved_mesh: str | None, step: int) -> None:
+    """A checkpoint's worker states are stacked per `data` slice (the default `workers`
+    rule), so a resumed run must keep their number; refused before restoring anything."""
+    mine = parse_mesh(mesh, jax.device_count()).shape["data"]
+    sizes = dict(kv.split("=", 1) for kv in (saved_mesh or "").split(",") if "=" in kv)
+    saved = int(sizes.get("data", 1))
+    if saved != mine:
+        raise SpmdError(
+            f"--resume: local SGD with data={mine} workers cannot continue the checkpoint at "
+            f"step {step}, which has data={saved}; keep data={saved} or use a new --ckpt-dir"
         )
 
 

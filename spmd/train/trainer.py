@@ -27,6 +27,7 @@ from spmd.data.tokenizer import load_tokenizer, tokenize_documents
 from spmd.distributed import AnyProcess, is_main_process
 from spmd.errors import SpmdError
 from spmd.layout import Layout
+from spmd.parallel import local_sgd
 from spmd.rules import Rules
 from spmd.train import monitor, resume
 from spmd.train.config import TrainConfig
@@ -227,6 +228,8 @@ def _check_compatible(cfg: TrainConfig, saved: dict, step: int) -> None:
                 f"--resume: {name}={a!r} differs from {b!r} in the checkpoint at step {step}; "
                 "use the run's settings or a new --ckpt-dir"
             )
+    if cfg.local_steps:
+        local_sgd.check_same_workers(cfg.mesh, saved.get("mesh"), step)
 
 
 def _canonical(name: str, value):
