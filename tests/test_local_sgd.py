@@ -56,6 +56,7 @@ def assert_close_trees(a, b, rtol):
         np.testing.assert_allclose(x, y, rtol=rtol, atol=rtol * float(np.abs(y).max()))
 
 
+@pytest.mark.slow
 def test_h1_plain_averaging_is_synchronous_data_parallel_sgd():
     """The exact equivalence: with inner SGD (no clipping, no weight decay, no momentum),
     worker w steps p_w = p - lr*g_w from the shared p on its half of the batch. `avg` with
