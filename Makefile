@@ -5,7 +5,8 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
 .PHONY: install test test-fast lint train seed compile-time clean bench-ckpt generate \
-	bench-inference strategies bench-attention bench bench-gpu scaling bench-convert flax-model
+	bench-inference strategies bench-attention bench bench-gpu scaling bench-convert flax-model \
+	local-sgd
 
 install: $(STAMP)
 
@@ -92,3 +93,8 @@ bench-convert: $(INTEROP)
 # A small Flax NNX transformer trained by spmd on fsdp=4,tensor=2, beside the same run on one device.
 flax-model: $(STAMP)
 	$(PY) -m experiments.flax_model
+
+# Local SGD / DiLoCo (H = 1, 4, 16) against synchronous DP: gpt-small, data=4 workers on 8 CPU devices;
+# eval loss vs steps and vs bytes over `data`. Writes experiments/results/local_sgd.md and .png.
+local-sgd: $(STAMP)
+	$(PY) -m experiments.local_sgd

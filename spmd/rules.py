@@ -36,6 +36,9 @@ DEFAULT_RULES: dict[str, tuple[str, ...]] = {
     "vocab": ("tensor",),
     "layers": ("stage",),
     "experts": ("expert",),
+    # Local SGD / DiLoCo: the leading dimension of the per-worker (stacked) parameter copies
+    # and optimizer states. Each slice of these mesh axes is one worker.
+    "workers": ("data",),
 }
 
 # Grouped-query attention under tensor parallelism: when `tensor` exceeds (or does not divide)
@@ -82,6 +85,17 @@ class Rules:
 
     def to_json(self) -> dict[str, list[str]]:
         return {name: list(axes) for name, axes in self.table}
+
+
+def worker_rules(rules: Rules) -> Rules:
+    """The rules inside one local-SGD worker: no logical axis but `workers` may use the
+    workers' mesh axes, so a worker's step has no collective across workers."""
+    outer = set(rules.mesh_axes("workers"))
+    table = tuple(
+        (name, axes if name == "workers" else tuple(a for a in axes if a not in outer))
+        for name, axes in rules.table
+    )
+    return dataclasses.replace(rules, table=table)
 
 
 def _as_axes(axes: Sequence[str] | str | None) -> tuple[str, ...]:

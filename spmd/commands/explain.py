@@ -26,6 +26,11 @@ def add_parser(sub) -> None:
     )
     p.add_argument("--grad-accum", type=positive_int, default=1)
     add_pipeline_flags(p)
+    p.add_argument(
+        "--local-steps",
+        type=positive_int,
+        help="local SGD over data: report the inner step and the bytes over data per step",
+    )
     p.add_argument("--top", type=positive_int, default=8, help="largest parameters to list")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--hlo", metavar="FILE", help="also write the compiled per-device HLO here")
@@ -98,6 +103,7 @@ def run(args) -> int:
             microbatches=args.microbatches,
             virtual_stages=args.virtual_stages,
         ).pipeline(),
+        local_steps=args.local_steps,
     )
     warn_on_dtype(hw, rep.dtype)
     print(report.dumps(rep) if args.json else render.render_text(rep, args.top))

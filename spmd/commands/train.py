@@ -15,7 +15,7 @@ from spmd.cli import positive_int
 from spmd.models.attention import IMPLEMENTATIONS as ATTENTION
 from spmd.models.gpt import DTYPES, REMAT_POLICIES
 from spmd.parallel.ring_attention import MODES as CONTEXT_PARALLEL
-from spmd.train.config import TrainConfig
+from spmd.train.config import OPTIMIZERS, OUTER_OPTIMIZERS, TrainConfig
 
 DEFAULTS = TrainConfig()
 
@@ -73,6 +73,12 @@ def add_parser(sub) -> None:
     field(
         "virtual_stages", type=positive_int, help="chunks per stage, interleaved only (default: 2)"
     )
+    # Local SGD / DiLoCo (spmd/parallel/local_sgd.py)
+    field("optimizer", choices=OPTIMIZERS, help="the (inner) optimizer; sgd: no clipping or decay")
+    field("local_steps", type=positive_int, help="local SGD over `data`: sync every H steps")
+    field("outer_optimizer", choices=OUTER_OPTIMIZERS, help="avg, or DiLoCo's nesterov")
+    field("outer_lr", type=float, help="the outer optimizer's learning rate")
+    field("outer_momentum", type=float, help="the outer Nesterov momentum")
 
 
 def _field_adder(p):

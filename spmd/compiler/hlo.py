@@ -280,6 +280,11 @@ def collectives(module: Module | str, mesh_shape: Mapping[str, int]) -> list[Col
     return out
 
 
+def bytes_over(cols: list[Collective], axes: tuple[str, ...]) -> float:
+    """Bytes per step, per device, of the collectives that cross any of the mesh `axes`."""
+    return float(sum(c.total_bytes for c in cols if set(c.axes) & set(axes)))
+
+
 def _collective(module, comp, ins, kind, mult, mesh_shape, n_devices) -> list[Collective]:
     if kind == "collective-permute":
         groups = permute_groups(ins.attrs)

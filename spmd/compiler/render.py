@@ -55,7 +55,7 @@ def render_text(r: Report, top: int = 8) -> str:
         f"x trip count) | model {r.model_flops_per_step:.3e} (6N + causal attention, all devices)"
     )
     lines += ["", "collectives per step, per device (ring time on this hardware)"]
-    lines += _collective_lines(r) + [""] + _prediction_lines(r)
+    lines += _collective_lines(r) + [""] + _local_sgd_lines(r) + _prediction_lines(r)
     return "\n".join(lines)
 
 
@@ -69,6 +69,22 @@ def _pipeline_lines(r: Report) -> list[str]:
     return [
         f"pipeline  {p['schedule']} over stage={s}{chunks} | {m} microbatches | "
         f"bubble {p['bubble']:.1%} = {formula} (collective-permutes over stage below)"
+    ]
+
+
+def _local_sgd_lines(r: Report) -> list[str]:
+    if not r.local_sgd:
+        return []
+    ls, axes = r.local_sgd, ",".join(r.local_sgd["axes"])
+    h = ls["local_steps"]
+    return [
+        f"local SGD (--local-steps {h}): the collectives above are the inner step's; "
+        f"bytes over {axes} per device",
+        f"  inner step   {fmt_bytes(ls['inner_step_bytes']):>10}",
+        f"  sync step    {fmt_bytes(ls['sync_step_bytes']):>10}  (every {h}th step: the "
+        "inner step + the outer update)",
+        f"  per step     {fmt_bytes(ls['bytes_per_step']):>10}  amortised over {h} steps",
+        "",
     ]
 
 

@@ -27,6 +27,8 @@ from spmd.compiler.program import CompiledStep, TrainProgram, build_model
 from spmd.compiler.program_cost import program_cost
 from spmd.layout import Layout
 from spmd.models import Model
+from spmd.parallel import local_sgd
+from spmd.parallel.local_sgd import LocalSGDConfig
 from spmd.rules import Rules
 
 
@@ -179,6 +181,7 @@ class Report:
     method: str = "compiled"
     cfg: object = None  # the model's config, for the kernel split (None: not a transformer)
     pipeline: dict | None = None  # the schedule over `stage` and its bubble (None: no stage)
+    local_sgd: dict | None = None  # under --local-steps: see `local_sgd_comm`
 
     @property
     def comm_items(self) -> list[cost.CommItem]:
@@ -284,6 +287,7 @@ class Report:
             "pipeline": self.pipeline,
             "largest_params": self.param_rows[:10],
             "compile_s": self.stats.compile_s,
+            "local_sgd": self.local_sgd,
         }
 
 
@@ -302,6 +306,7 @@ def explain(
     attention: str | None = None,
     context_parallel: str | None = None,
     pipeline=None,
+    local_steps: int | None = None,
 ) -> Report:
     """Compile the train step for `model` on `mesh` (all of JAX's devices) and report it.
     `pipeline`: a PipelineConfig for a mesh with `stage` (None: its defaults)."""
@@ -312,10 +317,34 @@ def explain(
     )  # fmt: skip
     layout = Layout.make(mesh, rules)
     batch = batch or default_batch(layout.devices)
+    local = LocalSGDConfig(local_steps) if local_steps is not None else None
     program = TrainProgram.for_tokens(
-        m, layout, batch, seq, grad_accum=grad_accum, pipeline=pipeline
+        m, layout, batch, seq, grad_accum=grad_accum, pipeline=pipeline, local=local
     )
-    return make_report(program, hw, compile_stats(program, hlo_path))
+    compiled = program.compile()
+    report = make_report(program, hw, stats_from_compiled(compiled, hlo_path))
+    if local:
+        report.local_sgd = local_sgd_comm(compiled)
+    return report
+
+
+def local_sgd_comm(compiled: CompiledStep) -> dict:
+    """Bytes per device over the workers' mesh axes: the inner step's (none, by design), the
+    sync step's, and their average per step when one step in H is a sync step."""
+    program, every = compiled.program, compiled.program.local.local_steps
+    axes = local_sgd.worker_axes(program.layout)
+    sync = dataclasses.replace(compiled, executable=compiled.sync)
+    inner_bytes, sync_bytes = (
+        hlo.bytes_over(hlo.collectives(c.executable.as_text(), program.layout.shape), axes)
+        for c in (compiled, sync)
+    )
+    return {
+        "local_steps": every,
+        "axes": list(axes),
+        "inner_step_bytes": inner_bytes,
+        "sync_step_bytes": sync_bytes,
+        "bytes_per_step": ((every - 1) * inner_bytes + sync_bytes) / every,
+    }
 
 
 def make_report(program: TrainProgram, hw: cost.Hardware, stats: CompiledStats) -> Report:

@@ -10,6 +10,10 @@ import dataclasses
 
 from spmd.errors import SpmdError
 
+# The choices of `--optimizer` and `--outer-optimizer` (checked again where they are built).
+OPTIMIZERS = ("adamw", "sgd")
+OUTER_OPTIMIZERS = ("avg", "nesterov")
+
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
@@ -50,6 +54,13 @@ class TrainConfig:
     pipeline_schedule: str | None = None
     microbatches: int | None = None
     virtual_stages: int | None = None
+    # Local SGD / DiLoCo (spmd/parallel/local_sgd.py): each `data` slice is a worker that
+    # syncs every `local_steps` steps. `optimizer` is the (inner) optimizer: adamw or sgd.
+    optimizer: str = "adamw"
+    local_steps: int | None = None  # None: synchronous data parallel
+    outer_optimizer: str = "nesterov"
+    outer_lr: float = 0.7
+    outer_momentum: float = 0.9
 
     def __post_init__(self):
         counts = ("steps", "batch", "seq", "grad_accum", "eval_batches", "ckpt_every", "keep")
@@ -63,6 +74,7 @@ class TrainConfig:
             raise SpmdError(f"--lr={self.lr} must be a positive number")
         if self.resume and not self.ckpt_dir:
             raise SpmdError("--resume needs --ckpt-dir (where to find the checkpoint)")
+        self.local_sgd()  # checks the local-SGD flags (--optimizer: when the run builds it)
 
     def build_model(self, vocab_size: int | None = None):
         from spmd.compiler.program import build_model  # jax and optax: only when needed
@@ -93,11 +105,23 @@ class TrainConfig:
         virtual = self.virtual_stages or (2 if schedule == "interleaved" else 1)
         return PipelineConfig(schedule, self.microbatches, virtual)
 
-    def optimizer(self):
+    def optimizer_config(self):
         from spmd.train import optim
 
         total = self.schedule_steps or self.steps
-        return optim.OptimConfig(lr=self.lr, warmup_steps=self.warmup, total_steps=total)
+        return optim.OptimConfig(
+            lr=self.lr, warmup_steps=self.warmup, total_steps=total, name=self.optimizer
+        )
+
+    def local_sgd(self):
+        """The local-SGD settings, or None for synchronous training."""
+        if self.local_steps is None:
+            return None
+        from spmd.parallel.local_sgd import LocalSGDConfig
+
+        return LocalSGDConfig(
+            self.local_steps, self.outer_optimizer, self.outer_lr, self.outer_momentum
+        )
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)

@@ -75,7 +75,10 @@ class Monitor:
 
     def fetch(self, step: int, metrics) -> dict:
         """Wait for a step's metrics; check them. Every process calls this."""
-        row = {"step": step, **{k: _number(v) for k, v in jax.device_get(metrics).items()}}
+        # A local-SGD step's metrics are per worker (a leading axis): their mean is the step's.
+        per_worker = getattr(self.cfg, "local_steps", None) is not None
+        values = jax.device_get(metrics)
+        row = {"step": step, **{k: _number(v, per_worker) for k, v in values.items()}}
         now = time.perf_counter()
         row["step_time_s"], self._last = now - self._last, now
         row["tokens_per_s"] = self.tokens_per_step / row["step_time_s"]
@@ -122,9 +125,11 @@ class Monitor:
             plot_losses(self.earlier + self.rows, path)
 
 
-def _number(value):
+def _number(value, per_worker: bool = False):
     """A metric as JSON: a float, or a list of floats (the MoE expert load histogram)."""
     a = np.asarray(value)
+    if per_worker:
+        a = a.mean(axis=0)
     return float(a) if a.ndim == 0 else [float(x) for x in a.ravel()]
 
 

@@ -1,4 +1,6 @@
-"""The optimizer: optax AdamW on a warmup-cosine schedule, after global-norm clipping."""
+"""The optimizer: optax AdamW on a warmup-cosine schedule, after global-norm clipping; or
+plain SGD on the same schedule (no clipping, no weight decay), whose one step on an averaged
+gradient equals the average of one step per worker (the local-SGD parity test needs that)."""
 
 from __future__ import annotations
 
@@ -8,6 +10,7 @@ import jax
 import optax
 
 from spmd.errors import SpmdError
+from spmd.train.config import OPTIMIZERS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -21,8 +24,11 @@ class OptimConfig:
     b2: float = 0.95
     eps: float = 1e-8
     clip_norm: float = 1.0
+    name: str = "adamw"  # one of OPTIMIZERS
 
     def __post_init__(self):
+        if self.name not in OPTIMIZERS:
+            raise SpmdError(f"--optimizer {self.name!r} is not one of {', '.join(OPTIMIZERS)}")
         if not self.lr > 0:
             raise SpmdError(f"lr={self.lr} must be positive")
         if self.total_steps < 1 or self.warmup_steps < 0:
@@ -50,6 +56,8 @@ def _decay_mask(params):
 
 def make_optimizer(cfg: OptimConfig) -> tuple[optax.GradientTransformation, optax.Schedule]:
     schedule = make_schedule(cfg)
+    if cfg.name == "sgd":
+        return optax.sgd(schedule), schedule
     opt = optax.chain(
         optax.clip_by_global_norm(cfg.clip_norm),
         optax.adamw(

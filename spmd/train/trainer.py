@@ -28,6 +28,7 @@ from spmd.data.tokenizer import load_tokenizer
 from spmd.distributed import AnyProcess, is_main_process
 from spmd.errors import SpmdError
 from spmd.layout import Layout
+from spmd.parallel import local_sgd
 from spmd.rules import Rules
 from spmd.train import init_from, monitor, resume
 from spmd.train.config import TrainConfig
@@ -38,7 +39,7 @@ from spmd.train.stop import StopFlag
 
 # Fields a resumed run must share with its checkpoint: they fix the parameters' shapes and
 # the batch sequence. The mesh, the step count, the learning rate and the rest may change.
-MUST_MATCH = ("model", "overrides", "batch", "seq", "seed", "data", "tokenizer")
+MUST_MATCH = ("model", "overrides", "batch", "seq", "seed", "data", "tokenizer", "local_steps")
 
 
 def device_batch(arrays: dict[str, np.ndarray], shardings, global_shapes=None) -> dict:
@@ -138,7 +139,8 @@ def setup(cfg: TrainConfig, rules: Rules | None = None) -> Run:
         cfg.batch,
         cfg.seq,
         grad_accum=cfg.grad_accum,
-        optimizer=cfg.optimizer(),
+        optimizer=cfg.optimizer_config(),
+        local=cfg.local_sgd(),
         pipeline=cfg.pipeline(),
     )
     rows = process_rows(program.batch_shardings["inputs"], program.shapes["inputs"])
@@ -228,6 +230,8 @@ def _check_compatible(cfg: TrainConfig, saved: dict, step: int) -> None:
                 f"--resume: {name}={a!r} differs from {b!r} in the checkpoint at step {step}; "
                 "use the run's settings or a new --ckpt-dir"
             )
+    if cfg.local_steps:
+        local_sgd.check_same_workers(cfg.mesh, saved.get("mesh"), step)
 
 
 def _canonical(name: str, value):
@@ -258,7 +262,7 @@ def _loop(r: Run, mon: monitor.Monitor, checkpointer, stop: StopFlag) -> int:
     any_process = AnyProcess()  # processes must all stop (and save) at the same step
     for step in range(r.start_step + 1, cfg.steps + 1):
         batch = _device_batch(r, r.loader.next())
-        state, metrics = r.step_fn(state, batch)
+        state, metrics = r.step_fn(state, batch, step)
         stopping = any_process(stop.signal is not None)
         if pending is not None:
             mon.write(mon.fetch(*pending))
