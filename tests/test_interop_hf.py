@@ -208,6 +208,11 @@ def test_init_from_refuses_a_shape_change(llama, capsys):
     fails_cleanly(capsys, argv, "--model gpt-small contradicts --init-from")
 
 
+def test_resume_on_a_converted_checkpoint_points_to_init_from(llama, capsys):
+    argv = ["train", "--resume", "--ckpt-dir", llama[2], "--steps", "1"]
+    fails_cleanly(capsys, argv, f"fine-tune them with --init-from {llama[2]}")
+
+
 def test_convert_experiment_runs_tiny(tmp_path, capsys):
     from experiments import hf_convert
 

@@ -25,6 +25,7 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
     """`cfg` with the model, its fields and the tokenizer of `--init-from`'s checkpoint;
     the run's own `--set` fields apply on top (remat, dtype, ...), shapes excepted."""
     if not cfg.init_from:
+        _refuse_resuming_a_conversion(cfg)
         return cfg
     from spmd import checkpoint as ckpt
     from spmd.data.tokenizer import checkpoint_tokenizer
@@ -66,3 +67,19 @@ def start_state(program, ckpt_dir: str):
     opt_state = jax.jit(program.tx.init, out_shardings=shardings.opt_state)(params)
     step = jax.device_put(jnp.zeros((), jnp.int32), shardings.step)
     return TrainState(step=step, params=params, opt_state=opt_state)
+
+
+def _refuse_resuming_a_conversion(cfg: TrainConfig) -> None:
+    """A converted checkpoint is weights only (no optimizer state, data position or run
+    settings), and a fine-tune writing into its folder would in time delete the base weights
+    (`--keep`): so `--resume` on it points to `--init-from` instead."""
+    from spmd import checkpoint as ckpt
+
+    if not (cfg.resume and cfg.ckpt_dir and ckpt.latest_valid_step(cfg.ckpt_dir) is not None):
+        return
+    source = ckpt.load_run_config(cfg.ckpt_dir).get("converted_from")
+    if source:
+        raise SpmdError(
+            f"--resume: {cfg.ckpt_dir} holds weights converted from {source}, not a run to "
+            f"continue; fine-tune them with --init-from {cfg.ckpt_dir} --ckpt-dir NEW_DIR"
+        )
