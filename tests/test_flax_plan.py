@@ -64,6 +64,7 @@ def test_plans_a_flax_model(kind, cache):
     assert "activations are unknown" in p.estimate
     best = p.best
     assert best.method == "compiled" and best.fits and best.memory_bytes <= cpu.capacity_bytes
+    assert best.report.model_flops_per_step == 6 * model.n_params * BATCH * SEQ  # per token
     # The compiled program holds exactly the parameter shards the layout asks for.
     sizes = best.candidate.sizes
     assert best.report.stats.memory["params_bytes"] == pytest.approx(
