@@ -19,7 +19,7 @@ from spmd.compiler import cost, kernels
 from spmd.compiler.candidates import Candidate
 from spmd.layout import Layout
 from spmd.mesh import MESH_AXES
-from spmd.models import Model
+from spmd.models import Model, gpt
 
 
 def param_bytes(model: Model, sizes, rules=None) -> float:
@@ -73,6 +73,70 @@ def analytic_estimate(model: Model, c: Candidate, batch: int, seq: int, hw, dtyp
     model_flops = cost.model_flops_per_step(model, batch, seq)
     pred = cost.predict(hw, flops, traffic, comm, model_flops, batch * seq, _n(s), split)
     return memory, pred
+
+
+def knows(model: Model) -> bool:
+    """Whether `analytic_estimate` can model this model's activations and traffic: it follows
+    gpt's blocks (MoE's config is a GPTConfig too). Any other model (a Flax module) gets
+    `parameter_estimate`, and the planner compiles to learn the rest."""
+    return isinstance(model.cfg, gpt.GPTConfig)
+
+
+def parameter_estimate(model: Model, c: Candidate, batch: int, seq: int, hw, dtype, rules=None):
+    """(memory bytes per device, Prediction) for a model of unknown structure: only what the
+    ParamSpecs and the layout determine. Memory is the float32 parameter shards, their
+    gradients and two Adam moments, plus the token batch: activations are not counted (a
+    lower bound). Compute is 6 N FLOPs per token over all devices. Communication is the
+    parameters' own (FSDP gathers and reduce-scatters, the data-parallel all-reduce) and a
+    guess at tensor parallelism's from the logical axes: Megatron's pattern, one all-reduce
+    of the `embed`-wide activations forward and one backward per pair of tensor-split
+    weights that touch `embed`. The module's code may differ; a compile measures it."""
+    s = c.sizes
+    shards = c.layout(rules).batch_shards
+    cb = 2 if dtype == "bfloat16" else 4
+    n = batch // c.grad_accum // shards * seq  # tokens per device per microstep
+    params = param_bytes(model, s, rules)
+    gathered = param_bytes(model, s | {"fsdp": 1, "data": 1}, rules)
+    memory = 4 * params + 2 * 4 * batch * seq / shards
+    model_flops = 6.0 * model.n_params * batch * seq
+    traffic = c.grad_accum * 5 * gathered + 45 * params  # as in gpt's fit, minus activations
+    ga, items = c.grad_accum, []
+    pairs = _tensor_split(model, s, rules) // 2
+    for kind, nbytes, count, axis in (
+        ("all-gather", gathered * cb / 4, 2 * ga, "fsdp"),  # forward and backward
+        ("reduce-scatter", gathered * cb / 4, ga, "fsdp"),
+        ("all-reduce", params * cb / 4, ga, "data"),
+        ("all-reduce", n * _embed_width(model) * cb, 2 * pairs * ga, "tensor"),
+    ):
+        if s[axis] > 1 and count:
+            group = axis_group(s, (axis,))
+            items.append(cost.CommItem(kind, nbytes, count, s[axis], group, (axis,)))
+    pred = cost.predict(hw, model_flops / _n(s), traffic, items, model_flops, batch * seq, _n(s))
+    return memory, pred
+
+
+def _embed_width(model: Model) -> int:
+    """The residual stream's width: the largest dimension a parameter names `embed`."""
+    dims = [
+        d
+        for spec in jax.tree.leaves(model.specs(), is_leaf=param_lib.is_spec)
+        for d, name in zip(spec.shape, spec.axes, strict=True)
+        if name == "embed"
+    ]
+    return max(dims, default=0)
+
+
+def _tensor_split(model: Model, sizes, rules) -> int:
+    """How many weights touching `embed` (not the vocabulary's) `tensor` splits here."""
+    layout = Layout.abstract(sizes, rules)
+    count = 0
+    for spec in jax.tree.leaves(model.specs(), is_leaf=param_lib.is_spec):
+        if "embed" not in spec.axes or "vocab" in spec.axes:
+            continue
+        pspec = layout.pspec(spec.axes, spec.shape)
+        axes = [a for e in pspec for a in ((e,) if isinstance(e, str) else e or ())]
+        count += "tensor" in axes
+    return count
 
 
 def pipeline_work(stages: int, m: int) -> float:

@@ -404,4 +404,7 @@ def model_flops_per_step(model, batch: int, seq: int, causal: bool = True) -> fl
     cfg = model.cfg
     if all(hasattr(cfg, a) for a in ("d_model", "n_heads", "n_kv_heads", "head_dim", "d_ff")):
         return batch * seq * model_flops_per_token(cfg, seq, causal)
-    return 6.0 * model.n_params * batch  # models without a transformer config: 6 N per example
+    # Models without a transformer config: 6 N per token when the inputs are token sequences
+    # (a Flax language model), else per example.
+    per = seq if "length" in model.batch_axes.get("inputs", ()) else 1
+    return 6.0 * model.n_params * batch * per

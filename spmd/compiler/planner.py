@@ -9,6 +9,9 @@
    those whose compiled program does not fit, rank the rest by predicted step time. Each
    compile calibrates the activation-memory estimate for the candidates still to come.
    Compiles are cached on disk (`$SPMD_CACHE_DIR`, default ~/.cache/spmd).
+`plan` also takes a `Model` (a Flax module through spmd.interop.flax_adapter): its remat is
+its own, and unless it is a gpt model the analytic estimate knows only its parameters
+(`analytic.parameter_estimate`), so the compiled candidates are the ones to trust.
 Beyond `SIMULATION_LIMIT` devices (or when JAX runs on a different device count) step 3 is
 skipped and the analytic estimate decides; every result says which method produced it.
 """
@@ -28,7 +31,7 @@ from pathlib import Path
 
 import jax
 
-from spmd.compiler import cost, render, report
+from spmd.compiler import analytic, cost, render, report
 from spmd.compiler.analytic import analytic_estimate, param_bytes
 from spmd.compiler.candidates import Candidate, enumerate_candidates
 from spmd.compiler.program import TrainProgram, build_model
@@ -40,6 +43,15 @@ from spmd.rules import Rules
 REMATS = ("none", "dots", "full")
 SIMULATION_LIMIT = 512  # above this, compiling on simulated CPU devices gets slow
 ANALYTIC_SLACK = 1.25  # compile candidates the analytic model puts up to 25% over memory
+OWN_REMAT = "own"  # the remat label of a model whose recomputation is in its own code
+GPT_ESTIMATE = (
+    "memory (parameters, optimizer state, activations) and step time from gpt's structure"
+)
+PARAM_ESTIMATE = (
+    "parameter, gradient and Adam-state bytes per device from the ParamSpecs and the layout, "
+    "6N FLOPs per token, and tensor-parallel traffic guessed from the logical axes; "
+    "activations are unknown until compiled"
+)
 
 
 @dataclasses.dataclass
@@ -81,6 +93,8 @@ class Plan:
     n_analytic_fit: int
     n_compiled: int
     wall_s: float
+    estimate: str = GPT_ESTIMATE  # what the analytic estimate covers
+    rejected: list[tuple[str, str]] = dataclasses.field(default_factory=list)  # (mesh, why)
 
     @property
     def best(self) -> Scored:
@@ -101,6 +115,7 @@ class Plan:
             "candidates": self.n_candidates,
             "analytic_fit": self.n_analytic_fit,
             "compiled": self.n_compiled,
+            "estimate": self.estimate,
             "wall_s": self.wall_s,
             "top": [s.to_json() for s in self.ranked[:top]],
         }
@@ -171,7 +186,7 @@ def compiled_stats(model: Model, c: Candidate, batch, seq, rules=None, use_cache
 
 
 def plan(
-    model_name: str,
+    model: str | Model,
     devices: int,
     hardware: str = "cpu",
     batch: int | None = None,
@@ -187,12 +202,20 @@ def plan(
     progress: bool = True,
     rules: Rules | None = None,
 ) -> Plan:
+    """Rank the layouts of `devices` for `model`: a preset name (searching remat too) or a
+    `Model` as built (its own remat and dtype)."""
     t0 = time.perf_counter()
     hw = cost.get_hardware(hardware)
     batch = batch or report.default_batch(devices)
     grad_accums = grad_accums or [ga for ga in (1, 2, 4, 8) if batch % ga == 0]
-    models = _models_by_remat(model_name, overrides, remats, dtype, seq)
+    if isinstance(model, Model):
+        models = _own_model(model, overrides, dtype)
+    else:
+        models = _models_by_remat(model, overrides, remats, dtype, seq)
     first = next(iter(models.values()))
+    model_name, known = first.name, analytic.knows(first)
+    # A module's code is not in its cfg's repr, so the disk cache could not tell two apart.
+    use_cache = use_cache and known
     dtype = getattr(first.cfg, "compute_dtype", "float32")
     cands, rejected = enumerate_candidates(
         first, devices, hw, batch, list(models), grad_accums, rules
@@ -200,7 +223,8 @@ def plan(
     if not cands:
         why = rejected[0][1] if rejected else "no factorisation"
         raise SpmdError(f"no layout of {devices} devices can run {model_name}: {why}")
-    fitting = _prefilter(model_name, models, cands, batch, seq, hw, dtype, rules)
+    estimate = analytic_estimate if known else analytic.parameter_estimate
+    fitting = _prefilter(model_name, models, cands, batch, seq, hw, dtype, rules, estimate)
     calib = _Calibration(models, rules)
     compiled: list[Scored] = []
     why = _why_not_compile(method, devices)
@@ -229,7 +253,26 @@ def plan(
     if not ranked:
         raise SpmdError(f"{model_name} fits no plan on {devices} x {hw.name}")
     return Plan(model_name, devices, hw, batch, seq, dtype, ranked[0].method, why, ranked,
-                len(cands), len(fitting), len(compiled), time.perf_counter() - t0)  # fmt: skip
+                len(cands), len(fitting), len(compiled), time.perf_counter() - t0,
+                GPT_ESTIMATE if known else PARAM_ESTIMATE, _distinct(rejected))  # fmt: skip
+
+
+def _own_model(model: Model, overrides, dtype) -> dict[str, Model]:
+    """A Model as built: its remat and dtype are its own, so only the layout is searched."""
+    if overrides:
+        raise SpmdError("overrides apply to a model preset by name, not to a built Model")
+    own = getattr(model.cfg, "compute_dtype", None)
+    if dtype is not None and dtype != own:
+        raise SpmdError(f"dtype={dtype} cannot be applied to the built model {model.name!r}")
+    return {getattr(model.cfg, "remat", OWN_REMAT): model}
+
+
+def _distinct(rejected):
+    """One reason per mesh (each grad-accum count repeats the parameters' verdict)."""
+    first: dict[str, str] = {}
+    for mesh, why in rejected:
+        first.setdefault(mesh, why)
+    return list(first.items())
 
 
 def _models_by_remat(model_name, overrides, remats, dtype, seq) -> dict[str, Model]:
@@ -239,11 +282,9 @@ def _models_by_remat(model_name, overrides, remats, dtype, seq) -> dict[str, Mod
     return {r: build_model(model_name, overrides, remat=r, dtype=dtype, seq=seq) for r in remats}
 
 
-def _prefilter(model_name, models, cands, batch, seq, hw, dtype, rules):
+def _prefilter(model_name, models, cands, batch, seq, hw, dtype, rules, estimate):
     """The candidates the analytic estimate puts within memory (with slack), fastest first."""
-    estimates = [
-        (c, *analytic_estimate(models[c.remat], c, batch, seq, hw, dtype, rules)) for c in cands
-    ]
+    estimates = [(c, *estimate(models[c.remat], c, batch, seq, hw, dtype, rules)) for c in cands]
     fitting = [e for e in estimates if e[1] <= hw.capacity_bytes * ANALYTIC_SLACK]
     if not fitting:
         c, mem, _ = min(estimates, key=lambda e: e[1])
