@@ -24,6 +24,7 @@ from spmd.errors import SpmdError
 from spmd.models.attention import IMPLEMENTATIONS as ATTENTION
 from spmd.models.attention import causal_attention
 from spmd.models.loss import cross_entropy
+from spmd.models.unroll import layer_unroll
 from spmd.params import ParamSpec, normal, ones
 from spmd.rules import ROWS, constrain
 
@@ -52,7 +53,7 @@ class GPTConfig:
     init_std: float = 0.02
     remat: str = "none"
     compute_dtype: str = "float32"
-    scan_unroll: int = 1
+    scan_unroll: int = 0  # layers per scan iteration; 0: auto per backend and depth (unroll.py)
     loss_chunks: int = 0  # rows of the loss computed at a time: 0 picks enough (loss.py)
     attention: str = "auto"  # an implementation of attention.py; auto: per backend
     tie_embeddings: bool = False  # the head is the embedding table's transpose (no `head`)
@@ -67,7 +68,6 @@ class GPTConfig:
             "head_dim",
             "d_ff",
             "max_seq_len",
-            "scan_unroll",
         ):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
@@ -78,6 +78,8 @@ class GPTConfig:
             )
         if self.attention not in ATTENTION:
             raise SpmdError(f"attention={self.attention!r} must be one of {', '.join(ATTENTION)}")
+        if not isinstance(self.scan_unroll, int) or self.scan_unroll < 0:
+            raise SpmdError(f"scan_unroll={self.scan_unroll!r} must be 0 (auto) or positive")
         if not isinstance(self.loss_chunks, int) or self.loss_chunks < 0:
             raise SpmdError(f"loss_chunks={self.loss_chunks!r} must be 0 (auto) or positive")
         if self.head_dim % 2:
@@ -152,9 +154,11 @@ def qkv(x_btd, p, cos, sin, cfg: GPTConfig):
     b, t, d = x_btd.shape
     dt = cfg.dtype
     x_nd = x_btd.reshape(b * t, d)
-    q = jnp.einsum("nd,dhk->nhk", x_nd, p["wq"].astype(dt)).reshape(b, t, cfg.n_heads, -1)
-    k = jnp.einsum("nd,dgk->ngk", x_nd, p["wk"].astype(dt)).reshape(b, t, cfg.n_kv_heads, -1)
-    v = jnp.einsum("nd,dgk->ngk", x_nd, p["wv"].astype(dt)).reshape(b, t, cfg.n_kv_heads, -1)
+    # Plain 2-D matmuls against (d, heads*k) views of the weights: XLA:CPU lays 3-D dense
+    # layers out with a transpose of the weight and of its gradient per use (DESIGN.md).
+    q = (x_nd @ p["wq"].astype(dt).reshape(d, -1)).reshape(b, t, cfg.n_heads, -1)
+    k = (x_nd @ p["wk"].astype(dt).reshape(d, -1)).reshape(b, t, cfg.n_kv_heads, -1)
+    v = (x_nd @ p["wv"].astype(dt).reshape(d, -1)).reshape(b, t, cfg.n_kv_heads, -1)
     q = constrain(apply_rope(q, cos, sin), ("batch", "length", "heads", None))
     k = constrain(apply_rope(k, cos, sin), ("batch", "length", "kv_heads", None))
     v = constrain(v, ("batch", "length", "kv_heads", None))
@@ -163,7 +167,7 @@ def qkv(x_btd, p, cos, sin, cfg: GPTConfig):
 
 def attn_out(o_bthk, p, cfg: GPTConfig):
     b, t, h, k = o_bthk.shape
-    out = jnp.einsum("nhk,hkd->nd", o_bthk.reshape(b * t, h, k), p["wo"].astype(cfg.dtype))
+    out = o_bthk.reshape(b * t, h * k) @ p["wo"].astype(cfg.dtype).reshape(h * k, -1)
     return out.reshape(b, t, -1)
 
 
@@ -243,7 +247,8 @@ def hidden_states(params, tokens_bt, cfg: GPTConfig):
 
     layers = in_compute_dtype(params, cfg)["layers"]
     with jax.named_scope("layers"):
-        x, _ = jax.lax.scan(_remat(body, cfg.remat), x, layers, unroll=cfg.scan_unroll)
+        unroll = layer_unroll(cfg.scan_unroll, cfg.n_layers)
+        x, _ = jax.lax.scan(_remat(body, cfg.remat), x, layers, unroll=unroll)
     return rms_norm(x, params["final_norm"], cfg.norm_eps)
 
 
