@@ -71,7 +71,8 @@ strategies: $(STAMP)
 bench-attention: $(STAMP)
 	$(PY) -m experiments.attention
 
-# spmd's train step against a careful plain-JAX step: tokens/s, their ratio, peak RSS (one CPU device).
+# spmd's train step against a careful plain-JAX step and PyTorch eager (when torch is installed):
+# tokens/s, ratios, peak RSS on one CPU device, for the issue's CPU case and gpt-small.
 bench: $(STAMP)
 	$(PY) -m experiments.bench
 

@@ -1,18 +1,20 @@
-"""Steady-state training throughput: spmd's compiled step against a careful plain-JAX step.
+"""Steady-state training throughput: spmd's compiled step against plain JAX and PyTorch eager.
 
-Both train the same llama-style model on the same batch on one device (spmd through
-`TrainProgram`, exactly what `spmd train` compiles; the baseline in
-experiments/baselines/plain_jax.py). Each measurement is a fresh process (so its peak RSS
-is its own): it compiles, warms up, then times `--steps` steps, blocking once at the end.
-Rounds alternate spmd, plain, spmd, plain, ... so load from other jobs hits both alike; the
-medians and their ratio are printed and written to experiments/results/bench.json.
+All three train the same llama-style model on the same batch on one device (spmd through
+`TrainProgram`, exactly what `spmd train` compiles; the baselines in experiments/baselines/:
+a careful plain-JAX + optax step and, when torch is installed, a PyTorch eager step). Each
+measurement is a fresh process (so its peak RSS is its own): it compiles, warms up, then
+times `--steps` steps, blocking once at the end. Rounds alternate spmd, plain, torch, spmd,
+... so load from other jobs hits all alike; the medians and the ratios are printed and
+written to experiments/results/bench.json, one entry per case (CASES).
 
-Run: `make bench` (or `python -m experiments.bench`).
+Run: `make bench` (or `python -m experiments.bench`; `--case cpu` for one case).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import resource
 import statistics
@@ -24,6 +26,8 @@ from pathlib import Path
 RESULTS = Path(__file__).parent / "results" / "bench.json"
 # The CPU comparison of the speed issue: d_model 256, 4 heads x 64, 4 layers, d_ff 1024.
 CPU_CASE = "d_model=256,n_layers=4,n_heads=4,n_kv_heads=4,head_dim=64,d_ff=1024,vocab_size=384"
+# name -> (preset, overrides): the issue's CPU goal covers both.
+CASES = {"cpu": ("gpt-tiny", CPU_CASE), "gpt-small": ("gpt-small", "")}
 
 
 def worker(program: str, model_name: str, overrides: str, batch: int, seq: int, steps: int):
@@ -37,14 +41,14 @@ def worker(program: str, model_name: str, overrides: str, batch: int, seq: int, 
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, cfg.vocab_size, (batch, seq + 1)).astype(np.int32)
     inputs, targets = tokens[:, :-1], tokens[:, 1:]
-    run = _spmd_runner if program == "spmd" else _plain_runner
+    run = {"spmd": _spmd_runner, "plain": _plain_runner, "torch": _torch_runner}[program]
     step = run(model_name, overrides, cfg, batch, seq, inputs, targets)
     for _ in range(2):
         jax.block_until_ready(step())
     t0 = time.perf_counter()
     for _ in range(steps - 1):
         step()
-    jax.block_until_ready(step())
+    jax.block_until_ready(step())  # a torch tensor is a leaf: returned as is
     seconds = (time.perf_counter() - t0) / steps
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps({"program": program, "tokens_per_s": batch * seq / seconds,
@@ -91,6 +95,19 @@ def _plain_runner(model_name, overrides, cfg, batch, seq, inputs, targets):
     return step
 
 
+def _torch_runner(model_name, overrides, cfg, batch, seq, inputs, targets):
+    from experiments.baselines import torch_eager
+
+    _, prepare, train_step = torch_eager.make_step(cfg)
+    inputs, targets = prepare(inputs, targets)
+    return lambda: train_step(inputs, targets)
+
+
+def programs() -> list[str]:
+    """spmd and plain JAX always; PyTorch eager when torch is installed (an optional extra)."""
+    return ["spmd", "plain"] + (["torch"] if importlib.util.find_spec("torch") else [])
+
+
 def measure(program, model, overrides, batch, seq, steps) -> dict:
     argv = [sys.executable, "-m", "experiments.bench", "--worker", program, "--model", model,
             "--set", overrides, "--batch", str(batch), "--seq", str(seq),
@@ -102,41 +119,55 @@ def measure(program, model, overrides, batch, seq, steps) -> dict:
 
 
 def main(argv=None) -> dict:
+    """Measure each case; returns (and writes) {case: summary}."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="gpt-tiny")
-    p.add_argument("--set", default=CPU_CASE, help="model overrides, k=v,...")
+    p.add_argument("--case", choices=[*CASES, "all"], default="all")
+    p.add_argument("--model", help="a preset to measure instead of the cases")
+    p.add_argument("--set", default="", help="model overrides, k=v,... (with --model)")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--steps", type=int, default=10, help="timed steps per measurement")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--out", default=str(RESULTS))
-    p.add_argument("--worker", choices=["spmd", "plain"], help=argparse.SUPPRESS)
+    p.add_argument("--worker", choices=["spmd", "plain", "torch"], help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
         worker(args.worker, args.model, args.set, args.batch, args.seq, args.steps)
         return {}
-    runs = {"spmd": [], "plain": []}
-    for _ in range(args.rounds):
-        for program in runs:
-            runs[program].append(
-                measure(program, args.model, args.set, args.batch, args.seq, args.steps)
-            )
-    result = _summary(args, runs)
+    if args.model:
+        cases = {args.model: (args.model, args.set)}
+    else:
+        cases = CASES if args.case == "all" else {args.case: CASES[args.case]}
+    result = {name: run_case(args, model, overrides) for name, (model, overrides) in cases.items()}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1))
     return result
 
 
-def _summary(args, runs) -> dict:
+def run_case(args, model: str, overrides: str) -> dict:
+    runs = {program: [] for program in programs()}
+    for _ in range(args.rounds):
+        for program in runs:
+            runs[program].append(
+                measure(program, model, overrides, args.batch, args.seq, args.steps)
+            )
+    return _summary(args, model, overrides, runs)
+
+
+def _summary(args, model, overrides, runs) -> dict:
     med = {k: statistics.median(r["tokens_per_s"] for r in v) for k, v in runs.items()}
     rss = {k: max(r["peak_rss_mb"] for r in v) for k, v in runs.items()}
-    print(f"{args.model} ({args.set}), batch {args.batch}x{args.seq}, one device, "
+    print(f"{model} ({overrides or 'preset'}), batch {args.batch}x{args.seq}, one device, "
           f"median of {args.rounds} alternating rounds of {args.steps} steps:")  # fmt: skip
     for k in runs:
         print(f"  {k:6s} {med[k]:9,.0f} tokens/s   peak RSS {rss[k]:7,.0f} MB")
-    ratio = med["spmd"] / med["plain"]
-    print(f"  spmd / plain JAX: {ratio:.2f}x")
-    return {"config": vars(args), "tokens_per_s": med, "peak_rss_mb": rss, "ratio": ratio,
+    ratios = {f"spmd/{k}": med["spmd"] / med[k] for k in runs if k != "spmd"}
+    names = {"spmd/plain": "plain JAX", "spmd/torch": "PyTorch eager"}
+    for key, ratio in ratios.items():
+        print(f"  spmd / {names[key]}: {ratio:.2f}x")
+    config = {"model": model, "set": overrides, "batch": args.batch, "seq": args.seq,
+              "steps": args.steps, "rounds": args.rounds}  # fmt: skip
+    return {"config": config, "tokens_per_s": med, "peak_rss_mb": rss, "ratios": ratios,
             "runs": runs}  # fmt: skip
 
 

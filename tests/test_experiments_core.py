@@ -32,15 +32,22 @@ def test_attention_benchmark_times_every_cpu_implementation(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_bench_measures_spmd_against_plain_jax(tmp_path, capsys):
+def test_bench_measures_spmd_against_plain_jax_and_torch(tmp_path, capsys):
     from experiments import bench
 
     out = tmp_path / "bench.json"
     tiny = "n_layers=1,d_model=32,n_heads=2,n_kv_heads=2,head_dim=16,d_ff=64"
-    result = bench.main(["--set", tiny, "--batch", "2", "--seq", "16", "--steps", "2",
-                         "--rounds", "1", "--out", str(out)])  # fmt: skip
-    assert set(result["tokens_per_s"]) == {"spmd", "plain"}
-    assert all(v > 0 for v in result["tokens_per_s"].values())
-    assert all(v > 0 for v in result["peak_rss_mb"].values())
-    assert result["ratio"] == result["tokens_per_s"]["spmd"] / result["tokens_per_s"]["plain"]
-    assert "spmd / plain JAX" in capsys.readouterr().out
+    result = bench.main(["--model", "gpt-tiny", "--set", tiny, "--batch", "2", "--seq", "16",
+                         "--steps", "2", "--rounds", "1", "--out", str(out)])  # fmt: skip
+    case = result["gpt-tiny"]
+    assert set(case["tokens_per_s"]) == set(bench.programs()) >= {"spmd", "plain"}
+    assert all(v > 0 for v in case["tokens_per_s"].values())
+    assert all(v > 0 for v in case["peak_rss_mb"].values())
+    tps = case["tokens_per_s"]
+    assert case["ratios"]["spmd/plain"] == tps["spmd"] / tps["plain"]
+    printed = capsys.readouterr().out
+    assert "spmd / plain JAX" in printed
+    if "torch" in tps:
+        assert case["ratios"]["spmd/torch"] == tps["spmd"] / tps["torch"]
+        assert "spmd / PyTorch eager" in printed
+    assert out.is_file()

@@ -25,6 +25,7 @@ from spmd.errors import SpmdError
 from spmd.models.attention import IMPLEMENTATIONS as ATTENTION
 from spmd.models.attention import causal_attention
 from spmd.models.loss import cross_entropy
+from spmd.models.unroll import layer_unroll
 from spmd.parallel import ring_attention
 from spmd.params import ParamSpec, normal, ones
 from spmd.rules import ROWS, constrain
@@ -54,7 +55,7 @@ class GPTConfig:
     init_std: float = 0.02
     remat: str = "none"
     compute_dtype: str = "float32"
-    scan_unroll: int = 1
+    scan_unroll: int = 0  # layers per scan iteration; 0: auto per backend and depth (unroll.py)
     loss_chunks: int = 0  # rows of the loss computed at a time: 0 picks enough (loss.py)
     attention: str = "auto"  # an implementation of attention.py; auto: per backend
     tie_embeddings: bool = False  # the head is the embedding table's transpose (no `head`)
@@ -71,7 +72,6 @@ class GPTConfig:
             "head_dim",
             "d_ff",
             "max_seq_len",
-            "scan_unroll",
         ):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
@@ -87,6 +87,8 @@ class GPTConfig:
                 f"context_parallel={self.context_parallel!r} must be one of "
                 f"{', '.join(ring_attention.MODES)}"
             )
+        if not isinstance(self.scan_unroll, int) or self.scan_unroll < 0:
+            raise SpmdError(f"scan_unroll={self.scan_unroll!r} must be 0 (auto) or positive")
         if not isinstance(self.loss_chunks, int) or self.loss_chunks < 0:
             raise SpmdError(f"loss_chunks={self.loss_chunks!r} must be 0 (auto) or positive")
         if self.head_dim % 2:
@@ -170,9 +172,11 @@ def qkv(x_btd, p, cos, sin, cfg: GPTConfig):
     b, t, d = x_btd.shape
     dt = cfg.dtype
     x_nd = rows(x_btd)
-    q = jnp.einsum("...d,dhk->...hk", x_nd, p["wq"].astype(dt)).reshape(b, t, cfg.n_heads, -1)
-    k = jnp.einsum("...d,dgk->...gk", x_nd, p["wk"].astype(dt)).reshape(b, t, cfg.n_kv_heads, -1)
-    v = jnp.einsum("...d,dgk->...gk", x_nd, p["wv"].astype(dt)).reshape(b, t, cfg.n_kv_heads, -1)
+    # Matmuls against (d, heads*k) views of the weights: XLA:CPU lays 3-D dense layers out
+    # with a transpose of the weight and of its gradient per use (DESIGN.md).
+    q = (x_nd @ p["wq"].astype(dt).reshape(d, -1)).reshape(b, t, cfg.n_heads, -1)
+    k = (x_nd @ p["wk"].astype(dt).reshape(d, -1)).reshape(b, t, cfg.n_kv_heads, -1)
+    v = (x_nd @ p["wv"].astype(dt).reshape(d, -1)).reshape(b, t, cfg.n_kv_heads, -1)
     q = constrain(apply_rope(q, cos, sin), ("batch", "length", "heads", None))
     k = constrain(apply_rope(k, cos, sin), ("batch", "length", "kv_heads", None))
     v = constrain(v, ("batch", "length", "kv_heads", None))
@@ -181,7 +185,9 @@ def qkv(x_btd, p, cos, sin, cfg: GPTConfig):
 
 def attn_out(o_bthk, p, cfg: GPTConfig):
     b, t, h, k = o_bthk.shape
-    out = jnp.einsum("...hk,hkd->...d", rows(o_bthk), p["wo"].astype(cfg.dtype))
+    o = rows(o_bthk)
+    o = o.reshape(*o.shape[:-2], h * k)
+    out = o @ p["wo"].astype(cfg.dtype).reshape(h * k, -1)
     return out.reshape(b, t, -1)
 
 
@@ -274,7 +280,9 @@ def layer_stack(layers, x_btd, cos, sin, cfg: GPTConfig):
         return block(x, layer_params, cos, sin, cfg), None
 
     with jax.named_scope("layers"):
-        x_btd, _ = jax.lax.scan(remat(body, cfg.remat), x_btd, layers, unroll=cfg.scan_unroll)
+        depth = jax.tree.leaves(layers)[0].shape[0]  # a pipeline stage's slice, or all
+        unroll = layer_unroll(cfg.scan_unroll, depth)
+        x_btd, _ = jax.lax.scan(remat(body, cfg.remat), x_btd, layers, unroll=unroll)
     return x_btd
 
 

@@ -27,6 +27,7 @@ from spmd import params as param_lib
 from spmd.errors import SpmdError
 from spmd.models import experts, gpt
 from spmd.models.loss import cross_entropy
+from spmd.models.unroll import layer_unroll
 from spmd.params import ParamSpec, normal
 from spmd.rules import ROWS, constrain
 
@@ -166,7 +167,8 @@ def hidden_states(params, tokens_bt, cfg: MoEConfig, positions_t=None):
 
     layers = in_compute_dtype(params, cfg)["layers"]
     with jax.named_scope("layers"):
-        x, stats = jax.lax.scan(gpt.remat(body, cfg.remat), x, layers, unroll=cfg.scan_unroll)
+        unroll = layer_unroll(cfg.scan_unroll, jax.tree.leaves(layers)[0].shape[0])
+        x, stats = jax.lax.scan(gpt.remat(body, cfg.remat), x, layers, unroll=unroll)
     stats = jax.tree.map(lambda s: jnp.mean(s, axis=0), stats)
     return gpt.rms_norm(x, params["final_norm"], cfg.norm_eps), stats
 
