@@ -55,7 +55,9 @@ class GPTConfig:
     init_std: float = 0.02
     remat: str = "none"
     compute_dtype: str = "float32"
-    scan_unroll: int = 0  # layers per scan iteration; 0: auto per backend and depth (unroll.py)
+    # Layers per scan iteration; 0: auto (unroll.py: whole stacks of up to 8 layers on CPU). Not
+    # the default: unrolled, XLA's CSE undoes remat and FSDP keeps gathered weights for backward.
+    scan_unroll: int = 1
     loss_chunks: int = 0  # rows of the loss computed at a time: 0 picks enough (loss.py)
     attention: str = "auto"  # an implementation of attention.py; auto: per backend
     tie_embeddings: bool = False  # the head is the embedding table's transpose (no `head`)

@@ -5,7 +5,10 @@ on XLA:CPU the loop costs throughput at small depth: in `make bench`'s CPU case 
 the scanned step ran about 6% slower than the same step unrolled, while compiling no slower
 (about 4 s either way, one device or eight). So `scan_unroll=0` (auto) unrolls stacks of
 up to AUTO_MAX_LAYERS on CPU and scans one layer at a time elsewhere and deeper; any
-positive value is taken as given.
+positive value is taken as given. It is an option, not the default (1): with the layers
+unrolled, XLA's CSE undoes remat (`prevent_cse=False` is only safe inside a scan) and FSDP
+keeps the gathered weights from the forward pass for the backward, so memory and the
+compiler report's gathers change (tests/test_remat.py and test_explain.py saw both).
 """
 
 from __future__ import annotations
