@@ -65,8 +65,10 @@ def cross_entropy(x_btd, head_dv, targets_bt, chunks: int = 0, rows=ROWS):
     ts = constrain(split_rows(targets_n, chunks), (None, rows))
     chunk_nll = jax.checkpoint(functools.partial(_nll_sum, rows=rows))
 
-    def body(total, xt):
-        return total + chunk_nll(xt[0], head_dv, xt[1]), None
+    # Per-chunk sums as the scan's outputs, not a running carry: inside a shard_map (the 1F1B
+    # pipeline) a zero carry would not vary over the manual axes the chunk sums vary over.
+    def body(_, xt):
+        return None, chunk_nll(xt[0], head_dv, xt[1])
 
-    total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32), (xs, ts))
-    return total / n
+    _, sums = jax.lax.scan(body, None, (xs, ts))
+    return jnp.sum(sums) / n

@@ -21,12 +21,14 @@ from spmd.parallel.stages import (
     chunk,
     data_slices,
     embed_all,
+    in_float32,
     manual_axes,
     mesh,
     microbatched,
     param_specs_in,
     prepare,
     put,
+    restore_dtypes,
     stages,
     varying,
 )
@@ -54,6 +56,7 @@ def _circular_body(params, tokens, targets, *, cfg, n_stages: int, virtual: int,
     s = jax.lax.axis_index(AXIS)
     # Cast before the loop, so that autodiff sums the parameters' gradients across stages
     # and data slices once, after the loop, rather than on every tick.
+    params, dtypes = in_float32(params)
     params = varying(params, manual)
     m = tokens.shape[0]
     emb = embed_all(params, tokens, cfg)
@@ -67,7 +70,8 @@ def _circular_body(params, tokens, targets, *, cfg, n_stages: int, virtual: int,
         v, i = uc // m, uc % m
         first = emb[i] if virtual == 1 else jnp.where(v == 0, emb[i], pending[i])
         x = jnp.where(s == 0, first, recv)
-        y = gpt.layer_stack(chunk(params["layers"], v, virtual), x, cos, sin, cfg)
+        layers = restore_dtypes(chunk(params["layers"], v, virtual), dtypes["layers"])
+        y = gpt.layer_stack(layers, x, cos, sin, cfg)
         done = (u >= 0) & (u < virtual * m) & (s == n_stages - 1) & (v == virtual - 1)
         outputs = put(outputs, i, jnp.where(done, y, outputs[i]))
         recv = jax.lax.ppermute(y, AXIS, ring)

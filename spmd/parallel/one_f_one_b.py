@@ -48,8 +48,14 @@ def value_and_grad(params, batch, *, cfg: gpt.GPTConfig, microbatches: int):
         out_specs=(P(), specs),
         axis_names=set(manual),
     )(prepared, micro["inputs"], micro["targets"])
-    (grads,) = back(grads)
+    # The float32 sums round once to the compute dtype here, as the unpipelined step's do.
+    (grads,) = back(st.restore_dtypes(grads, jax.tree.map(lambda w: w.dtype, prepared)))
     return loss, grads
+
+
+def _add(total, g):
+    """A tick's gradient into its float32 accumulator (`st.in_float32`)."""
+    return total + g.astype(total.dtype)
 
 
 def _body(params, tokens, targets, *, cfg: gpt.GPTConfig, n_stages: int, manual):
@@ -59,8 +65,9 @@ def _body(params, tokens, targets, *, cfg: gpt.GPTConfig, n_stages: int, manual)
     stash_slots = min(m, 2 * n_stages - 1)
     # Every parameter marked as varying over the manual axes: the gradients each stage and
     # data slice takes below stay its own (no implicit psum per tick) until the end.
+    params, dtypes = st.in_float32(params)
     params = st.varying(params, manual)
-    layers = params["layers"]
+    layers = st.restore_dtypes(params["layers"], dtypes["layers"])
     head = {"final_norm": params["final_norm"], "head": params["head"]}
     cos, sin = gpt.rope_for(tokens[0], cfg)
 
@@ -83,7 +90,7 @@ def _body(params, tokens, targets, *, cfg: gpt.GPTConfig, n_stages: int, manual)
         loss_i, head_vjp = jax.vjp(lambda h, y: gpt.head_loss(h, y, targets[ic], cfg), head, y)
         scale = st.varying(jnp.where(mine, 1.0 / m, 0.0).astype(loss_i.dtype), manual)
         d_head, dy = head_vjp(scale)
-        grads = {**grads, **jax.tree.map(jnp.add, {k: grads[k] for k in d_head}, d_head)}
+        grads = {**grads, **jax.tree.map(_add, {k: grads[k] for k in d_head}, d_head)}
         loss_sum = loss_sum + jnp.where(mine, loss_i, 0.0)
         recv_f = jax.lax.ppermute(y, axis, [(k, k + 1) for k in range(last)])
         return (recv_f, carry[1], stash, grads, loss_sum), dy
@@ -100,8 +107,8 @@ def _body(params, tokens, targets, *, cfg: gpt.GPTConfig, n_stages: int, manual)
         d_embed = embed_vjp(jnp.where(first, dx, jnp.zeros_like(dx)))[0]
         grads = {
             **grads,
-            "layers": jax.tree.map(jnp.add, grads["layers"], d_layers),
-            "embed": grads["embed"] + d_embed,
+            "layers": jax.tree.map(_add, grads["layers"], d_layers),
+            "embed": _add(grads["embed"], d_embed),
         }
         recv_b = jax.lax.ppermute(dx, axis, [(k + 1, k) for k in range(last)])
         return (carry[0], recv_b, stash, grads, carry[4])

@@ -53,6 +53,19 @@ def prepare(params, cfg: gpt.GPTConfig, n_stages: int, virtual: int):
     return {**params, "layers": layers}
 
 
+def in_float32(params):
+    """The stage-ready parameters as float32 loop inputs, with the dtypes to cast each back
+    to where it is used. Read this way, the loop's transposes sum every tick's gradients and
+    reduce them over the manual axes in float32: summed in bfloat16 they round on every one
+    of the M ticks (and XLA:CPU aborts on a bfloat16 psum inside shard_map)."""
+    dtypes = jax.tree.map(lambda w: w.dtype, params)
+    return jax.tree.map(lambda w: w.astype(jnp.float32), params), dtypes
+
+
+def restore_dtypes(tree, dtypes):
+    return jax.tree.map(lambda w, dt: w.astype(dt), tree, dtypes)
+
+
 def param_specs_in(params):
     """shard_map in_specs: the layer stack split over `stage`, everything else whole."""
     specs = {}
