@@ -92,6 +92,14 @@ def test_splash_under_a_mesh_that_replicates_the_kv_heads(qkv):
         np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5)
 
 
+def test_splash_keeps_a_bfloat16_q_in_bfloat16(qkv):
+    q, k, v = (x[:, :128].astype(jnp.bfloat16) for x in qkv)
+    got = attention.causal_attention(q, k, v, "splash")
+    assert got.dtype == jnp.bfloat16
+    want = reference(*(x.astype(jnp.float32) for x in (q, k, v)))
+    np.testing.assert_allclose(got.astype(jnp.float32), want, atol=2e-2)  # bf16 rounding
+
+
 def test_auto_is_splash_on_a_tpu_except_inside_the_pipelines_shard_map(monkeypatch):
     monkeypatch.setattr(attention, "_platform", lambda: "tpu")
     assert attention.resolve("auto") == "splash"
