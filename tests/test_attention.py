@@ -10,7 +10,8 @@ import spmd
 from spmd.errors import SpmdError
 from spmd.models import attention, get_model
 
-CPU_IMPLEMENTATIONS = ["einsum", "xla", "blocked"]
+# splash runs JAX's Pallas TPU kernel in interpret mode here: the same kernel, slowly.
+CPU_IMPLEMENTATIONS = ["einsum", "xla", "blocked", "splash"]
 
 
 @pytest.fixture(scope="module")
@@ -61,12 +62,14 @@ def test_auto_resolves_per_backend_and_bad_names_are_refused():
         get_model("gpt-tiny", {"attention": "flash"})
 
 
-@pytest.mark.parametrize("impl", ["xla", "blocked"])
+@pytest.mark.parametrize("impl", ["xla", "blocked", "splash"])
 def test_each_implementation_trains_alike_on_a_mesh_and_on_one_device(impl):
+    seq = 128 if impl == "splash" else 32  # the splash kernel's blocks are multiples of 128
+
     def losses(layout):
         model = get_model("gpt-tiny", {"n_layers": 2, "attention": impl})
         params = layout.init_params(model.specs(), jax.random.key(0))
-        tokens = np.random.default_rng(1).integers(0, 384, (8, 33)).astype(np.int32)
+        tokens = np.random.default_rng(1).integers(0, 384, (8, seq + 1)).astype(np.int32)
         batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}
         loss, grads = jax.jit(layout.traced(jax.value_and_grad(model.loss)))(params, batch)
         return float(loss), jax.device_get(grads)
@@ -76,6 +79,50 @@ def test_each_implementation_trains_alike_on_a_mesh_and_on_one_device(impl):
     np.testing.assert_allclose(got_loss, want_loss, rtol=1e-6)
     for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
         assert np.linalg.norm(g - w) <= 1e-5 * np.linalg.norm(w)
+
+
+def test_splash_under_a_mesh_that_replicates_the_kv_heads(qkv):
+    """tensor=4 over 2 KV heads: KV replicated, each device's 2 query heads cut a group."""
+    layout = spmd.Layout.make("data=2,tensor=4")
+    splash = layout.traced(lambda *a: attention.causal_attention(*a, "splash"))
+    np.testing.assert_allclose(jax.jit(splash)(*qkv), reference(*qkv), rtol=1e-5, atol=1e-5)
+    grads = jax.jit(jax.grad(lambda *a: jnp.sum(jnp.sin(splash(*a))), argnums=(1, 2)))(*qkv)
+    want = jax.grad(lambda *a: jnp.sum(jnp.sin(reference(*a))), argnums=(1, 2))(*qkv)
+    for g, w in zip(grads, want, strict=True):  # the replicated KV heads' gradients summed
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5)
+
+
+def test_splash_keeps_a_bfloat16_q_in_bfloat16(qkv):
+    q, k, v = (x[:, :128].astype(jnp.bfloat16) for x in qkv)
+    got = attention.causal_attention(q, k, v, "splash")
+    assert got.dtype == jnp.bfloat16
+    want = reference(*(x.astype(jnp.float32) for x in (q, k, v)))
+    np.testing.assert_allclose(got.astype(jnp.float32), want, atol=2e-2)  # bf16 rounding
+
+
+def test_auto_is_splash_on_a_tpu_except_inside_the_pipelines_shard_map(monkeypatch):
+    monkeypatch.setattr(attention, "_platform", lambda: "tpu")
+    assert attention.resolve("auto") == "splash"
+    inside = []
+    mesh = jax.make_mesh((8,), ("stage",), devices=jax.devices())
+    body = lambda x: inside.append(attention.resolve("auto")) or x  # noqa: E731
+    jax.shard_map(body, mesh=mesh, in_specs=jax.P(), out_specs=jax.P())(jnp.zeros(8))
+    assert inside == [attention.CPU_DEFAULT]
+
+
+def test_splash_refuses_what_it_cannot_run_in_one_line(qkv, capsys):
+    from spmd.cli import main
+
+    with pytest.raises(SpmdError, match="attention=splash needs seq divisible by 128; seq=96"):
+        attention.causal_attention(*(x[:, :96] for x in qkv), "splash")
+    argv = ["explain", "--model", "gpt-tiny", "--set", "n_layers=2", "--attention", "splash"]
+    for mesh, seq, message in (
+        ("data=8", "96", "seq=96 is not"),
+        ("stage=2,data=4", "128", "stage=2 and attention=splash together are not supported"),
+    ):
+        assert main([*argv, "--mesh", mesh, "--seq", seq]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], err
 
 
 def test_cudnn_off_a_gpu_is_one_clear_error(qkv, capsys):

@@ -76,13 +76,17 @@ def test_kernels_split_attention_and_elementwise_time():
     assert p.compute_s == pytest.approx(1 / 0.84 + 3) and p.flops_s == pytest.approx(2)
 
 
-def test_flash_attention_on_gpus_materialized_scores_elsewhere():
+def test_flash_attention_on_gpus_and_tpus_materialized_scores_elsewhere():
     cfg = spmd.get_model("gpt-1b", {"compute_dtype": "bfloat16", "remat": "dots"}).cfg
-    h200, v5p = cost.get_hardware("h200"), cost.get_hardware("tpu-v5p")
-    assert kernels.uses_flash(cfg, h200) and not kernels.uses_flash(cfg, v5p)
+    h200, v5p, cpu = (cost.get_hardware(n) for n in ("h200", "tpu-v5p", "cpu"))
+    assert kernels.uses_flash(cfg, h200) and kernels.uses_flash(cfg, v5p)  # cuDNN, splash
+    assert not kernels.uses_flash(cfg, cpu)
+    einsum = dataclasses.replace(cfg, attention="einsum")
+    assert not kernels.uses_flash(einsum, v5p)
+    assert kernels.uses_flash(dataclasses.replace(cfg, attention="splash"), v5p)
     tokens, seq, flops = 16 * 2048, 2048, 2.2e14
     flash = kernels.transformer_kernels(cfg, h200, tokens, seq, 1, flops)
-    plain = kernels.transformer_kernels(cfg, v5p, tokens, seq, 1, flops)
+    plain = kernels.transformer_kernels(einsum, v5p, tokens, seq, 1, flops)
     full_attention = tokens * 12 * cfg.n_layers * cfg.n_heads * cfg.head_dim * seq
     # flash skips the masked half and (a custom call, not a dot) is recomputed under dots
     assert flash.attention_flops == pytest.approx(full_attention / 2 * 4 / 3)

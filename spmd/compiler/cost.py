@@ -74,7 +74,7 @@ class Hardware:
     peak_dtype: str = "bfloat16"  # the compute dtype that `peak_flops` was measured in
     matmul_efficiency: float = 1.0  # achieved fraction of peak for large GEMMs (sources below)
     attention_efficiency: float = 1.0  # the same for a fused flash-attention kernel, fwd + bwd
-    flash_attention: bool = False  # `--attention auto` picks a fused flash kernel (cuDNN) here
+    flash_attention: bool = False  # `--attention auto` picks a fused flash kernel (cuDNN/splash)
 
     @property
     def capacity_bytes(self) -> float:
@@ -117,8 +117,11 @@ class Hardware:
 #        FlashAttention-2 (Dao, 2023) reaches 50-73% of A100 peak forward and less backward;
 #        FlashAttention-3 (Shah et al., 2024) measures FA2-class kernels at ~35% on H100 and
 #        its own at up to 75% forward. cuDNN's kernel (what spmd uses) lies in that range.
+#  attention, TPUs: 0.5 for the Pallas splash kernel, an estimate (not measured here; no
+#        published forward + backward fraction found): the GPU figure, for a kernel of its kind.
 # For TPUs a "node" is the ICI domain (the pod): any axis inside a pod uses ICI.
 _GPU = {"attention_efficiency": 0.5, "flash_attention": True}
+_TPU = {"attention_efficiency": 0.5, "flash_attention": True}
 HARDWARE: dict[str, Hardware] = {
     h.name: h
     for h in (
@@ -132,11 +135,11 @@ HARDWARE: dict[str, Hardware] = {
         Hardware("h200", "NVIDIA H200 SXM 141GB", 989e12, 141 * GB, 4800 * GB,
                  450 * GB, 50 * GB, 8, **_GPU, matmul_efficiency=0.84),
         Hardware("tpu-v4", "Cloud TPU v4", 275e12, 32 * 2**30, 1200 * GB,
-                 270 * GB, 3.1 * GB, 4096, matmul_efficiency=0.85),
+                 270 * GB, 3.1 * GB, 4096, **_TPU, matmul_efficiency=0.85),
         Hardware("tpu-v5e", "Cloud TPU v5e", 197e12, 16 * GB, 819 * GB,
-                 200 * GB, 3.1 * GB, 256, matmul_efficiency=0.85),
+                 200 * GB, 3.1 * GB, 256, **_TPU, matmul_efficiency=0.85),
         Hardware("tpu-v5p", "Cloud TPU v5p", 459e12, 95 * GB, 2765 * GB,
-                 600 * GB, 6.25 * GB, 8960, matmul_efficiency=0.85),
+                 600 * GB, 6.25 * GB, 8960, **_TPU, matmul_efficiency=0.85),
     )
 }  # fmt: skip
 

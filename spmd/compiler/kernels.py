@@ -18,9 +18,10 @@ _RECOMPUTES_ATTENTION = ("dots", "full")
 
 
 def uses_flash(cfg, hw: Hardware) -> bool:
-    """Whether `cfg`'s attention runs as a fused flash kernel on `hw` (auto: cuDNN on GPUs)."""
+    """Whether `cfg`'s attention runs as a fused flash kernel on `hw` (auto: cuDNN on GPUs,
+    splash on TPUs)."""
     impl = getattr(cfg, "attention", "auto")
-    return impl == "cudnn" or (impl == "auto" and hw.flash_attention)
+    return impl in ("cudnn", "splash") or (impl == "auto" and hw.flash_attention)
 
 
 def transformer_kernels(cfg, hw: Hardware, tokens, seq, tensor, flops) -> Kernels:

@@ -10,10 +10,13 @@ Shapes as in gpt.py: q (b, t, h, k), keys and values (b, s, g, k) with h = g * r
            (t, s) scores are never whole, only (t, block) at a time.
   cudnn    `jax.nn.dot_product_attention(implementation="cudnn")`, the fused flash kernel of
            NVIDIA GPUs (GPU only).
+  splash   JAX's Pallas TPU splash-attention kernel (splash.py); off a TPU the same kernel in
+           Pallas interpret mode, slow, which is how CPU tests check it. The sequence must be
+           a multiple of 128.
 
-`auto` picks cudnn on GPUs and, elsewhere, the fastest of the portable ones as measured on
-this project's CPU (`make bench-attention`; see CPU_DEFAULT). TPU Pallas kernels are not
-wired in: a TPU gets the portable default.
+`auto` picks cudnn on GPUs, splash on TPUs (the portable default inside the pipeline's
+shard_map, where splash cannot run) and, elsewhere, the fastest of the portable ones as
+measured on this project's CPU (`make bench-attention`; see CPU_DEFAULT).
 """
 
 from __future__ import annotations
@@ -24,10 +27,11 @@ import jax
 import jax.numpy as jnp
 
 from spmd.errors import SpmdError
+from spmd.models import splash
 from spmd.parallel import ring_attention
 from spmd.rules import current_context
 
-IMPLEMENTATIONS = ("auto", "einsum", "xla", "blocked", "cudnn")
+IMPLEMENTATIONS = ("auto", "einsum", "xla", "blocked", "cudnn", "splash")
 # Chosen by experiments/attention.py on the 2-core development CPU (float32, gpt-small's
 # attention shapes); it is a measurement, so re-run it before changing this.
 CPU_DEFAULT = "einsum"
@@ -48,7 +52,9 @@ def resolve(impl: str) -> str:
         )
     if impl != "auto":
         return impl
-    return "cudnn" if platform == "gpu" else CPU_DEFAULT
+    if platform == "tpu" and _inside_shard_map():
+        return CPU_DEFAULT  # the pipeline's: splash's own shard_map cannot nest in it
+    return {"gpu": "cudnn", "tpu": "splash"}.get(platform, CPU_DEFAULT)
 
 
 def _platform() -> str:
@@ -58,6 +64,11 @@ def _platform() -> str:
     if ctx is not None and isinstance(ctx.mesh, jax.sharding.Mesh):
         return ctx.mesh.devices.flat[0].platform
     return jax.default_backend()
+
+
+def _inside_shard_map() -> bool:
+    mesh = jax.sharding.get_abstract_mesh()
+    return not mesh.empty and bool(mesh.manual_axes)
 
 
 def causal_attention(q_bthk, k_bsgk, v_bsgk, impl: str = "auto", context: str = "ring"):
@@ -73,6 +84,8 @@ def causal_attention(q_bthk, k_bsgk, v_bsgk, impl: str = "auto", context: str = 
         return attend(q_bthk, k_bsgk, v_bsgk, causal_mask(q_bthk.shape[1]))
     if impl == "blocked":
         return blocked(q_bthk, k_bsgk, v_bsgk)
+    if impl == "splash":
+        return splash.attention(q_bthk, k_bsgk, v_bsgk, interpret=_platform() != "tpu")
     return jax.nn.dot_product_attention(
         q_bthk, k_bsgk, v_bsgk, is_causal=True, implementation=impl
     ).astype(q_bthk.dtype)

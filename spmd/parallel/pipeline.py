@@ -127,6 +127,11 @@ def for_program(pipe: PipelineConfig | None, model: Model, layout, rows: int):
             f"stage={n_stages} and sequence={layout.shape['sequence']} together are not "
             "supported: the pipeline does not run context-parallel attention"
         )
+    if model.cfg.attention == "splash":  # auto picks a portable form inside the pipeline
+        raise SpmdError(
+            f"stage={n_stages} and attention=splash together are not supported: the kernel's "
+            "shard_map cannot nest in the pipeline's; use --attention auto, einsum, xla or blocked"
+        )
     pipe = pipe or PipelineConfig()
     if pipe.microbatches is None:
         pipe = dataclasses.replace(pipe, microbatches=n_stages)

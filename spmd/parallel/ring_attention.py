@@ -112,12 +112,8 @@ def attention(q_bthk, k_bsgk, v_bsgk, mode: str = "ring"):
     q_spec = logical_to_spec(Q_AXES, ctx.mesh, ctx.rules, q_bthk.shape)
     kv_spec = logical_to_spec(KV_AXES, ctx.mesh, ctx.rules, k_bsgk.shape)
     local = _ring if mode == "ring" else _allgather
-    fn = functools.partial(
-        _local_attention,
-        attend=functools.partial(local, axes=axes, s=shards()),
-        heads=_axes(q_spec[2]) if _axes(kv_spec[2]) != _axes(q_spec[2]) else (),
-        r=q_bthk.shape[2] // k_bsgk.shape[2],
-    )
+    attend = functools.partial(local, axes=axes, s=shards())
+    fn = per_device(attend, q_spec, kv_spec, r=q_bthk.shape[2] // k_bsgk.shape[2])
     return jax.shard_map(fn, mesh=ctx.mesh, in_specs=(q_spec, kv_spec, kv_spec), out_specs=q_spec)(
         q_bthk, k_bsgk, v_bsgk
     )
@@ -127,6 +123,15 @@ def _axes(entry) -> tuple[str, ...]:
     if entry is None:
         return ()
     return (entry,) if isinstance(entry, str) else tuple(entry)
+
+
+def per_device(attend, q_spec, kv_spec, r: int):
+    """`attend(q, k, v)` as the body of a shard_map whose q and k, v specs are `q_spec` and
+    `kv_spec` (batch, length, heads, None), GQA's r query heads per KV head; splash.py's
+    kernel shares it."""
+    q_heads, kv_heads = _axes(q_spec[2]), _axes(kv_spec[2])
+    heads = q_heads if kv_heads != q_heads else ()
+    return functools.partial(_local_attention, attend=attend, heads=heads, r=r)
 
 
 def _local_attention(q, k, v, *, attend, heads: tuple[str, ...], r: int):
