@@ -20,8 +20,6 @@ import functools
 import math
 
 import jax
-from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as kernel
-from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as masks
 
 from spmd.errors import SpmdError
 from spmd.parallel import ring_attention
@@ -63,6 +61,11 @@ def attention(q_bthk, k_bsgk, v_bsgk, interpret: bool):
 
 def _attend(q_bthk, k_bsgk, v_bsgk, *, interpret: bool):
     """One device's attention: the kernel over (heads, seq, k) arrays, vmapped over batch."""
+    # Imported here, not at the top: only splash users pay for (and need) JAX's Pallas TPU
+    # modules; `make bench-gpu` imports the model on machines that may lack them.
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as kernel
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as masks
+
     _, t, h, kd = q_bthk.shape
     block = block_size(t)
     sizes = dict.fromkeys(
