@@ -55,9 +55,9 @@ class GPTConfig:
     init_std: float = 0.02
     remat: str = "none"
     compute_dtype: str = "float32"
-    # Layers per scan iteration; 0: auto (unroll.py: whole stacks of up to 8 layers on CPU). Not
-    # the default: unrolled, XLA's CSE undoes remat and FSDP keeps gathered weights for backward.
-    scan_unroll: int = 1
+    # Layers per scan iteration; 0: auto (unroll.py: whole stacks of up to 8 layers on CPU,
+    # unless remat or FSDP gathers need the scan).
+    scan_unroll: int = 0
     loss_chunks: int = 0  # rows of the loss computed at a time: 0 picks enough (loss.py)
     attention: str = "auto"  # an implementation of attention.py; auto: per backend
     tie_embeddings: bool = False  # the head is the embedding table's transpose (no `head`)
@@ -283,7 +283,7 @@ def layer_stack(layers, x_btd, cos, sin, cfg: GPTConfig):
 
     with jax.named_scope("layers"):
         depth = jax.tree.leaves(layers)[0].shape[0]  # a pipeline stage's slice, or all
-        unroll = layer_unroll(cfg.scan_unroll, depth)
+        unroll = layer_unroll(cfg.scan_unroll, depth, cfg.remat)
         x_btd, _ = jax.lax.scan(remat(body, cfg.remat), x_btd, layers, unroll=unroll)
     return x_btd
 

@@ -167,7 +167,7 @@ def hidden_states(params, tokens_bt, cfg: MoEConfig, positions_t=None):
 
     layers = in_compute_dtype(params, cfg)["layers"]
     with jax.named_scope("layers"):
-        unroll = layer_unroll(cfg.scan_unroll, jax.tree.leaves(layers)[0].shape[0])
+        unroll = layer_unroll(cfg.scan_unroll, jax.tree.leaves(layers)[0].shape[0], cfg.remat)
         x, stats = jax.lax.scan(gpt.remat(body, cfg.remat), x, layers, unroll=unroll)
     stats = jax.tree.map(lambda s: jnp.mean(s, axis=0), stats)
     return gpt.rms_norm(x, params["final_norm"], cfg.norm_eps), stats
