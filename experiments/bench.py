@@ -4,9 +4,10 @@ All three train the same llama-style model on the same batch on one device (spmd
 `TrainProgram`, exactly what `spmd train` compiles; the baselines in experiments/baselines/:
 a careful plain-JAX + optax step and, when torch is installed, a PyTorch eager step). Each
 measurement is a fresh process (so its peak RSS is its own): it compiles, warms up, then
-times `--steps` steps, blocking once at the end. Rounds alternate spmd, plain, torch, spmd,
-... so load from other jobs hits all alike; the medians and the ratios are printed and
-written to experiments/results/bench.json, one entry per case (CASES).
+times `--steps` steps, blocking once at the end, then times the forward pass (the loss alone)
+the same way, so the step splits into forward and backward-plus-update. Rounds alternate spmd,
+plain, torch, spmd, ... so load from other jobs hits all alike; the medians and the ratios
+are printed and written to experiments/results/bench.json, one entry per case (CASES).
 
 Run: `make bench` (or `python -m experiments.bench`; `--case cpu` for one case).
 """
@@ -36,7 +37,6 @@ CASES = {
 
 def worker(program: str, model_name: str, overrides: str, batch: int, seq: int, steps: int):
     """One measurement, in this process: prints one JSON line."""
-    import jax
     import numpy as np
 
     from spmd.models import get_model, parse_overrides
@@ -46,17 +46,25 @@ def worker(program: str, model_name: str, overrides: str, batch: int, seq: int, 
     tokens = rng.integers(0, cfg.vocab_size, (batch, seq + 1)).astype(np.int32)
     inputs, targets = tokens[:, :-1], tokens[:, 1:]
     run = {"spmd": _spmd_runner, "plain": _plain_runner, "torch": _torch_runner}[program]
-    step = run(model_name, overrides, cfg, batch, seq, inputs, targets)
-    for _ in range(2):
-        jax.block_until_ready(step())
-    t0 = time.perf_counter()
-    for _ in range(steps - 1):
-        step()
-    jax.block_until_ready(step())  # a torch tensor is a leaf: returned as is
-    seconds = (time.perf_counter() - t0) / steps
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    step, forward = run(model_name, overrides, cfg, batch, seq, inputs, targets)
+    seconds = _seconds_per_call(step, steps)
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # before the forward's
     print(json.dumps({"program": program, "tokens_per_s": batch * seq / seconds,
-                      "step_s": seconds, "peak_rss_mb": rss}))  # fmt: skip
+                      "step_s": seconds, "forward_s": _seconds_per_call(forward, steps),
+                      "peak_rss_mb": rss}))  # fmt: skip
+
+
+def _seconds_per_call(fn, calls: int) -> float:
+    """Steady-state seconds per call of `fn` (two warm-up calls; one block at the end)."""
+    import jax
+
+    for _ in range(2):
+        jax.block_until_ready(fn())
+    t0 = time.perf_counter()
+    for _ in range(calls - 1):
+        fn()
+    jax.block_until_ready(fn())  # a torch tensor is a leaf: returned as is
+    return (time.perf_counter() - t0) / calls
 
 
 def _spmd_runner(model_name, overrides, cfg, batch, seq, inputs, targets):
@@ -75,12 +83,14 @@ def _spmd_runner(model_name, overrides, cfg, batch, seq, inputs, targets):
         k: jax.device_put(v, program.batch_shardings[k]) for k, v in batch_arrays.items()
     }
     state = [program.init_state(jax.random.key(0))]
+    params = jax.tree.map(jax.numpy.copy, state[0].params)  # the step donates the state's
+    forward_loss = jax.jit(layout.traced(model.loss))
 
     def step():
         state[0], metrics = compiled(state[0], batch_arrays)
         return metrics["loss"]
 
-    return step
+    return step, lambda: forward_loss(params, batch_arrays)
 
 
 def _plain_runner(model_name, overrides, cfg, batch, seq, inputs, targets):
@@ -90,21 +100,30 @@ def _plain_runner(model_name, overrides, cfg, batch, seq, inputs, targets):
 
     init, train_step = plain_jax.make_step(cfg)
     state = [init(jax.random.key(0))]
+    params = jax.tree.map(jax.numpy.copy, state[0][0])
     inputs, targets = jax.device_put(inputs), jax.device_put(targets)
+    forward_loss = jax.jit(plain_jax.loss_fn, static_argnums=3)
 
     def step():
         state[0], loss = train_step(state[0], inputs, targets)
         return loss
 
-    return step
+    return step, lambda: forward_loss(params, inputs, targets, cfg)
 
 
 def _torch_runner(model_name, overrides, cfg, batch, seq, inputs, targets):
+    import torch
+
     from experiments.baselines import torch_eager
 
-    _, prepare, train_step = torch_eager.make_step(cfg)
+    model, prepare, train_step = torch_eager.make_step(cfg)
     inputs, targets = prepare(inputs, targets)
-    return lambda: train_step(inputs, targets)
+
+    def forward():
+        with torch.no_grad():
+            return model.loss(inputs, targets)
+
+    return lambda: train_step(inputs, targets), forward
 
 
 def programs() -> list[str]:
@@ -163,8 +182,12 @@ def _summary(args, model, overrides, runs) -> dict:
     rss = {k: max(r["peak_rss_mb"] for r in v) for k, v in runs.items()}
     print(f"{model} ({overrides or 'preset'}), batch {args.batch}x{args.seq}, one device, "
           f"median of {args.rounds} alternating rounds of {args.steps} steps:")  # fmt: skip
+    step_ms = {k: 1e3 * statistics.median(r["step_s"] for r in v) for k, v in runs.items()}
+    fwd_ms = {k: 1e3 * statistics.median(r["forward_s"] for r in v) for k, v in runs.items()}
     for k in runs:
-        print(f"  {k:6s} {med[k]:9,.0f} tokens/s   peak RSS {rss[k]:7,.0f} MB")
+        print(f"  {k:6s} {med[k]:9,.0f} tokens/s   peak RSS {rss[k]:7,.0f} MB   step "
+              f"{step_ms[k]:6.0f} ms = forward {fwd_ms[k]:5.0f} + backward and update "
+              f"{step_ms[k] - fwd_ms[k]:5.0f}")  # fmt: skip
     ratios = {f"spmd/{k}": med["spmd"] / med[k] for k in runs if k != "spmd"}
     names = {"spmd/plain": "plain JAX", "spmd/torch": "PyTorch eager"}
     for key, ratio in ratios.items():
@@ -172,7 +195,7 @@ def _summary(args, model, overrides, runs) -> dict:
     config = {"model": model, "set": overrides, "batch": args.batch, "seq": args.seq,
               "steps": args.steps, "rounds": args.rounds}  # fmt: skip
     return {"config": config, "tokens_per_s": med, "peak_rss_mb": rss, "ratios": ratios,
-            "runs": runs}  # fmt: skip
+            "step_ms": step_ms, "forward_ms": fwd_ms, "runs": runs}  # fmt: skip
 
 
 if __name__ == "__main__":
