@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 
 .PHONY: install test test-fast lint train seed compile-time clean bench-ckpt generate \
 	bench-inference strategies bench-attention bench bench-gpu scaling bench-convert flax-model \
-	local-sgd
+	local-sgd bench-gemm
 
 install: $(STAMP)
 
@@ -79,6 +79,11 @@ bench-attention: $(STAMP)
 # tokens/s, ratios, peak RSS on one CPU device, for the issue's CPU case and gpt-small.
 bench: $(STAMP)
 	$(PY) -m experiments.bench
+
+# float32 GEMM GFLOP/s of XLA against PyTorch at gpt-small's dense-layer shapes (torch when
+# installed): the ceiling XLA:CPU's matmuls put on `make bench`'s spmd/torch ratio.
+bench-gemm: $(STAMP)
+	$(PY) -m experiments.gemm
 
 # The GPU table (gpt-1b and the Llama-7B shape at 8 layers, remat dots/none, bf16, seq 2048) on
 # one accelerator: measured step, TFLOP/s, MFU and peak memory beside the compiler's prediction.

@@ -1,5 +1,7 @@
 """The core experiments run, tiny, and show what they claim."""
 
+import json
+
 import pytest
 
 from experiments import compile_time, seed_mirrored
@@ -53,3 +55,17 @@ def test_bench_measures_spmd_against_plain_jax_and_torch(tmp_path, capsys):
         assert case["ratios"]["spmd/torch"] == tps["spmd"] / tps["torch"]
         assert "spmd / PyTorch eager" in printed
     assert out.is_file()
+
+
+def test_gemm_benchmark_times_xla_and_torch_at_every_shape(tmp_path, capsys):
+    from experiments import gemm
+
+    out = tmp_path / "gemm.json"
+    result = gemm.main(["--scale", "16", "--calls", "2", "--rounds", "1", "--out", str(out)])
+    assert [r["case"] for r in result["shapes"]] == [s[0] for s in gemm.SHAPES]
+    for row in result["shapes"]:
+        assert all(v > 0 for v in row["gflops"].values())
+        if "torch" in row["gflops"]:
+            assert row["xla/torch"] == row["gflops"]["xla"] / row["gflops"]["torch"]
+    assert json.loads(out.read_text())["shapes"] == result["shapes"]
+    assert "mlp up, weight gradient" in capsys.readouterr().out
