@@ -1,5 +1,7 @@
 """The planner: candidates, analytic pre-filter, compiled ranking, and its refusals."""
 
+import json
+
 import pytest
 from conftest import run_spmd
 
@@ -143,6 +145,24 @@ def test_predictions_land_near_published_runs(model, devices, batch, low, high):
                      method="analytic", progress=False)  # fmt: skip
     assert low <= p.best.prediction.mfu <= high
     assert p.best.prediction.mfu < p.best.prediction.mfu_at_peak
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "model, devices, batch, low, high",
+    [("llama-7b", 8, 32, 0.40, 0.60), ("llama-70b", 256, 512, 0.30, 0.60)],  # as above
+)
+def test_compiled_predictions_land_near_published_runs(model, devices, batch, low, high, tmp_path):
+    """The default (compiled) path, which the CLI takes: for llama-70b it compiles pipelined
+    bfloat16 candidates (it aborted inside XLA:CPU on them before their gradients were
+    summed in float32)."""
+    out = run_spmd("plan", "--model", model, "--devices", str(devices), "--hardware", "h100",
+                   "--batch", str(batch), "--seq", "4096", "--dtype", "bfloat16", "--json",
+                   env={"SPMD_CACHE_DIR": str(tmp_path)})  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    best = json.loads(out.stdout)["top"][0]
+    assert best["method"] == "compiled" and best["fits"]
+    assert low <= best["predicted"]["mfu"] <= high
 
 
 def test_analytic_gathers_move_the_compute_dtype():
